@@ -1,0 +1,280 @@
+"""The latent family: MLA, GLA-2/-4 and MLRA-2/-4, as one piece of math.
+
+Notation: d model width, h query heads, d_n no-RoPE q/k width, d_r decoupled
+RoPE width, d_v value width, d_c KV latent width.
+
+Query (all variants, DeepSeek-V2 style):
+    c_q = RMSNorm(x W_DQ) * sqrt(d / q_lora_rank)     (q_lora_rank 0: q = x W_Q)
+    [q_nope | q_pe] = c_q W_UQ   per head; q_pe rotated (half-split RoPE)
+
+Keys and values: the latent is cut into B = R * G *blocks* of width d_b = d_c / B
+(R branches of G blocks each); each block has its own RMSNorm:
+    [c_1 .. c_B | k_pe] = x W_DKV
+    c_b  = RMSNorm_b(c_b) * sqrt(d / d_b)             (cached)
+    k_pe = RoPE(k_pe), ONE rope key shared by all heads (cached)
+Block b = (branch r, group g) serves the H_g = h / G query heads of group g:
+    k_nope_bi = c_b W_UK,b,i     v_bi = c_b W_UV,b,i  (head i of group g)
+    y_i = R^-1/2 sum_r softmax_t((q_nope_i . k_nope_(r,g),i + q_pe_i . k_pe) / sqrt(d_n + d_r)) V_(r,g),i
+
+which gives the variants:
+    MLA    R = 1, G = 1  one latent, one softmax per head
+    GLA-G  R = 1, G = 2|4 latent heads, each serving a contiguous group of heads
+    MLRA-4 R = 4, G = 1  every head attends to every block with a separate softmax
+    MLRA-2 R = 2, G = 2  two GLA-2 branches, summed
+MLA puts the block sum inside one softmax; MLRA moves it outside. Cache per
+token: d_c + d_r for all of them (576 at the MLRA paper's config).
+
+Absorbed decode never builds per-head keys or values: fold W_UK into the
+query, attend over the latent itself (MQA over a d_b + d_r "head"), apply W_UV
+after:
+    q~_bi = W_UK,b,i^T q_nope_i                      (width d_b)
+    s_bit = q~_bi . c_b,t + q_pe_i . k_pe_t
+    z_bi  = sum_t softmax(s_bi / sqrt(d_n + d_r))_t c_b,t
+    y_i   = R^-1/2 sum_r W_UV,(r,g),i^T z_(r,g),i
+
+Tensor parallelism: blocks are the cache entries (`latent_blocks` -> tensor);
+each device keeps its blocks' latents, norms and W_UK/W_UV slices; the rope
+key is replicated; per-branch partial outputs are summed across devices by the
+output projection. MLA's single latent is replicated on every device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax.attention.base import Attention
+from mla_jax.config import AttentionConfig, _check, register
+from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rms_norm, rope
+from mla_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LatentConfig(AttentionConfig):
+  q_lora_rank: int = 0             # 0: full-rank query projection
+  kv_lora_rank: int                # d_c, the whole latent (all blocks)
+  qk_nope_head_dim: int            # d_n
+  qk_rope_head_dim: int = 0        # d_r; 0 = "MLA without RoPE" (positions from elsewhere)
+  v_head_dim: int | None = None    # d_v; defaults to d_n
+  scales: bool = True              # q / kv variance scales (False: the *_no_scale ablation)
+  gated: bool = False              # y *= sigmoid(x W_g) before the output projection
+
+  VARIANTS = ()
+
+  @property
+  def branches(self) -> int:       # R: separate softmaxes summed per head
+    raise NotImplementedError
+
+  @property
+  def groups(self) -> int:         # G: latent blocks per branch, each serving h / G heads
+    raise NotImplementedError
+
+  @property
+  def num_blocks(self) -> int:
+    return self.branches * self.groups
+
+  @property
+  def block_dim(self) -> int:
+    return self.kv_lora_rank // self.num_blocks
+
+  @property
+  def value_dim(self) -> int:
+    return self.v_head_dim if self.v_head_dim is not None else self.qk_nope_head_dim
+
+  def validate(self, d_model=None):
+    super().validate(d_model)
+    _check(self.kv_lora_rank >= 1, f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
+    _check(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
+    _check(self.qk_nope_head_dim >= 1, f"qk_nope_head_dim must be >= 1, got {self.qk_nope_head_dim}")
+    _check(self.qk_rope_head_dim >= 0 and self.qk_rope_head_dim % 2 == 0,
+           f"qk_rope_head_dim must be even and >= 0, got {self.qk_rope_head_dim}")
+    _check(self.value_dim >= 1, f"v_head_dim must be >= 1, got {self.v_head_dim}")
+    _check(self.kv_lora_rank % self.num_blocks == 0,
+           f"{self.variant}: kv_lora_rank={self.kv_lora_rank} must split into {self.num_blocks} "
+           f"equal blocks; use a multiple of {self.num_blocks}")
+    _check(self.num_heads % self.groups == 0,
+           f"{self.variant}: num_heads={self.num_heads} must split into {self.groups} head groups; "
+           f"use a multiple of {self.groups}")
+
+  def cache_spec(self):
+    spec = {"kv_latent": ((self.num_blocks, self.block_dim), ("latent_blocks", "latent_dim"))}
+    if self.qk_rope_head_dim:
+      spec["rope_key"] = ((self.qk_rope_head_dim,), ("rope_dim",))
+    return spec
+
+  def partition_entries(self):
+    return self.num_blocks
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLAConfig(LatentConfig):
+  VARIANTS = ("mla",)
+  branches = property(lambda self: 1)
+  groups = property(lambda self: 1)
+
+  def partition_entries_name(self):
+    return "latent (MLA has one, replicated on every device)"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GLAConfig(LatentConfig):
+  VARIANTS = ("gla2", "gla4")
+  branches = property(lambda self: 1)
+  groups = property(lambda self: int(self.variant[-1]))
+
+  def partition_entries_name(self):
+    return "latent heads"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLRAConfig(LatentConfig):
+  latent_blocks: int = 4           # B; 4 in both MLRA-2 and MLRA-4
+
+  VARIANTS = ("mlra2", "mlra4")
+  branches = property(lambda self: int(self.variant[-1]))
+  groups = property(lambda self: self.latent_blocks // self.branches)
+
+  def validate(self, d_model=None):
+    _check(self.latent_blocks % self.branches == 0,
+           f"{self.variant}: latent_blocks={self.latent_blocks} must be a multiple of "
+           f"{self.branches} branches")
+    super().validate(d_model)
+
+  def partition_entries_name(self):
+    return "latent blocks"
+
+
+class LatentAttention(Attention):
+  """Shared implementation; MLA, GLA and MLRA below only pick their config."""
+
+  def __init__(self, config: LatentConfig, **kw):
+    super().__init__(config, **kw)
+    rngs, d = kw["rngs"], self.d_model
+    h, dn, dr, dv = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.value_dim
+    nb, db, groups = config.num_blocks, config.block_dim, config.groups
+    per_group = h // groups
+    p = dict(std=self.init_std, dtype=self.param_dtype)
+    # Query heads are stored as [group, head in group]. With one branch the group
+    # axis follows the blocks onto `tensor`; with several (MLRA-2) a group's
+    # blocks sit on different devices, so it stays unsharded.
+    group_axis = "latent_blocks" if config.branches == 1 else None
+    self.head_axes = (group_axis, "q_per_entry")
+    if config.q_lora_rank:
+      self.wq_a = param(rngs, (d, config.q_lora_rank), ("embed", "q_lora"), **p)
+      self.q_norm = RMSNorm(config.q_lora_rank, ("q_lora",), param_dtype=self.param_dtype)
+      self.wq_b = param(rngs, (config.q_lora_rank, groups, per_group, dn + dr),
+                        ("q_lora",) + self.head_axes + ("qk_dim",), **p)
+    else:
+      self.wq = param(rngs, (d, groups, per_group, dn + dr), ("embed",) + self.head_axes + ("qk_dim",), **p)
+    self.w_dkv = param(rngs, (d, nb, db), ("embed", "latent_blocks", "latent_dim"), **p)
+    self.kv_norm = RMSNorm((nb, db), ("latent_blocks", "latent_dim"), param_dtype=self.param_dtype)
+    if dr:
+      self.w_kr = param(rngs, (d, dr), ("embed", "rope_dim"), **p)
+    self.w_uk = param(rngs, (nb, db, per_group, dn), ("latent_blocks", "latent_dim", "q_per_entry", "qk_nope"), **p)
+    self.w_uv = param(rngs, (nb, db, per_group, dv), ("latent_blocks", "latent_dim", "q_per_entry", "v_dim"), **p)
+    self.wo = param(rngs, (groups, per_group, dv, d), self.head_axes + ("v_dim", "embed"),
+                    std=self.out_std, dtype=self.param_dtype)
+    if config.gated:
+      self.wg = param(rngs, (d, groups, per_group, dv), ("embed",) + self.head_axes + ("v_dim",), **p)
+    self.q_scale = math.sqrt(d / config.q_lora_rank) if (config.scales and config.q_lora_rank) else 1.0
+    self.kv_scale = math.sqrt(d / db) if config.scales else 1.0
+    self.softmax_scale = 1.0 / math.sqrt(dn + dr)
+
+  # --------------------------------------------------------------- projections
+  def _queries(self, x, positions):
+    """q_nope [B, S, G, H_g, d_n] and rotated q_pe [B, S, G, H_g, d_r]."""
+    cfg = self.config
+    if cfg.q_lora_rank:
+      c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype)) * self.q_scale
+      q = dense(c_q, self.wq_b[...], "bsr,rgjk->bsgjk", self.dtype)
+    else:
+      q = dense(x, self.wq[...], "bsd,dgjk->bsgjk", self.dtype)
+    q = constrain(q, ("batch", "length") + self.head_axes + ("qk_dim",))
+    q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+    return q_nope, rope(q_pe, positions, cfg.rope_theta)
+
+  def cache_entries(self, x, positions):
+    latent = dense(x, self.w_dkv[...], "bsd,dnc->bsnc", self.dtype)
+    latent = self.kv_norm(latent) * self.kv_scale
+    out = {"kv_latent": constrain(latent, ("batch", "length", "latent_blocks", "latent_dim"))}
+    if self.config.qk_rope_head_dim:
+      out["rope_key"] = rope(dense(x, self.w_kr[...], "bsd,dr->bsr", self.dtype), positions,
+                             self.config.rope_theta)
+    return out
+
+  def _blocks(self, w):
+    """[B_blocks, ...] -> [R, G, ...]: block b = branch r * G + group g."""
+    return w.reshape((self.config.branches, self.config.groups) + w.shape[1:])
+
+  def _output(self, x, y):
+    """y: [B, S, G, H_g, d_v], already summed over branches -> [B, S, d]."""
+    if self.config.gated:
+      y = y * jax.nn.sigmoid(dense(x, self.wg[...], "bsd,dgjv->bsgjv", self.dtype))
+    return dense(y, self.wo[...], "bsgjv,gjvd->bsd", self.dtype)
+
+  def _rope_scores(self, q_pe, kv):
+    if not self.config.qk_rope_head_dim:
+      return 0.0
+    # [B, 1(branch), G, H_g, S, T]: the rope key is shared by every block and head
+    return jnp.einsum("bsgjr,btr->bgjst", q_pe, kv["rope_key"].astype(q_pe.dtype),
+                      preferred_element_type=jnp.float32)[:, None]
+
+  # --------------------------------------------------------------- attention
+  def _attend_expanded(self, x, positions, kv, mask):
+    """Re-expand per-head keys and values from the latent (training, naive decode)."""
+    q_nope, q_pe = self._queries(x, positions)
+    latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
+    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
+    k_nope = dense(latent, w_uk, "btrgc,rgcjn->btrgjn", self.dtype)
+    value = dense(latent, w_uv, "btrgc,rgcjv->btrgjv", self.dtype)
+    scores = jnp.einsum("bsgjn,btrgjn->brgjst", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores = (scores + self._rope_scores(q_pe, kv)) * self.softmax_scale
+    probs = masked_softmax(scores, mask).astype(value.dtype)
+    y = jnp.einsum("brgjst,btrgjv->bsgjv", probs, value) / math.sqrt(self.config.branches)
+    return self._output(x, y)
+
+  def _attend_absorbed(self, x, positions, kv, mask):
+    """Attend over the latent itself; W_UK folds into the query, W_UV comes after."""
+    q_nope, q_pe = self._queries(x, positions)
+    latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype)  # [B, T, R, G, d_b]
+    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
+    q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->bsrgjc", self.dtype)
+    scores = jnp.einsum("bsrgjc,btrgc->brgjst", q_latent, latent, preferred_element_type=jnp.float32)
+    scores = (scores + self._rope_scores(q_pe, kv)) * self.softmax_scale
+    probs = masked_softmax(scores, mask).astype(latent.dtype)
+    context = jnp.einsum("brgjst,btrgc->bsrgjc", probs, latent)     # z, width d_b
+    y = dense(context, w_uv, "bsrgjc,rgcjv->bsgjv", self.dtype) / math.sqrt(self.config.branches)
+    return self._output(x, y)
+
+  def _blocks_latent(self, latent):
+    """Cache layout [B, T, blocks, d_b] -> [B, T, R, G, d_b]."""
+    cfg = self.config
+    return latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
+
+  def attend(self, x, positions, kv):
+    seq = x.shape[1]
+    mask = jnp.tril(jnp.ones((seq, seq), bool))
+    return self._attend_expanded(x, positions, kv, mask)
+
+  def attend_cache(self, x, positions, cache, valid, decode_impl):
+    mask = valid[:, None, None, None, None, :]
+    if decode_impl == "naive":
+      return self._attend_expanded(x, positions, cache, mask)
+    return self._attend_absorbed(x, positions, cache, mask)
+
+
+@register("mla")
+class MLA(LatentAttention):
+  Config = MLAConfig
+
+
+@register("gla2", "gla4")
+class GLA(LatentAttention):
+  Config = GLAConfig
+
+
+@register("mlra2", "mlra4")
+class MLRA(LatentAttention):
+  Config = MLRAConfig

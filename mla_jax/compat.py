@@ -1,0 +1,80 @@
+"""Every call whose spelling depends on the JAX / Flax version lives here.
+
+Only jax 0.10.2 + flax 0.12.8 can be tested on the development machines (Python
+3.11); GPU clusters may run newer releases. Keeping the version-sensitive calls
+in one small module means a new release breaks one file, not the library.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+
+# Flax renamed the variable metadata that carries logical axis names several
+# times ('sharding' -> 'sharding_names' -> 'out_sharding'). We write the current
+# name and read any of them; placement itself is ours (mla_jax.sharding), so an
+# older Flax that does not know the key still works.
+_AXES_KEY = "out_sharding"
+_AXES_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+  """An nnx.Param carrying logical axis names, placed lazily (never eagerly).
+
+  Eager sharding (Flax 0.12's default) would demand a mesh at construction;
+  we construct unsharded and place with `mla_jax.sharding`, so the same model
+  code runs with or without a mesh.
+  """
+  axes = tuple(axes)
+  if len(axes) != value.ndim:
+    raise ValueError(f"param of shape {value.shape} given {len(axes)} axis names {axes}")
+  return nnx.Param(value, **{_AXES_KEY: axes}, eager_sharding=False)
+
+
+def variable_axes(variable: Any) -> tuple[str | None, ...] | None:
+  """Logical axis names stored on an NNX variable (None when it has none)."""
+  if not isinstance(variable, nnx.Variable):
+    return None
+  for key in _AXES_KEYS:
+    try:
+      axes = variable.get_metadata(key, None)
+    except (AttributeError, TypeError):
+      axes = getattr(variable, key, None)
+    if axes is not None:
+      return tuple(axes)
+  return None
+
+
+def make_mesh(shape: Sequence[int], names: Sequence[str], devices=None) -> jax.sharding.Mesh:
+  """A mesh with Auto axis types (jax >= 0.7 defaults to Explicit)."""
+  kwargs = {}
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is not None:
+    kwargs["axis_types"] = (axis_type.Auto,) * len(names)
+  if devices is not None:
+    kwargs["devices"] = devices
+  return jax.make_mesh(tuple(shape), tuple(names), **kwargs)
+
+
+@contextlib.contextmanager
+def set_mesh(mesh: jax.sharding.Mesh):
+  """Make `mesh` the ambient mesh for tracing (bare PartitionSpecs resolve to it)."""
+  if hasattr(jax, "set_mesh"):
+    with jax.set_mesh(mesh):
+      yield
+  elif hasattr(jax.sharding, "use_mesh"):
+    with jax.sharding.use_mesh(mesh):
+      yield
+  else:  # pragma: no cover - very old jax
+    with mesh:
+      yield
+
+
+def cost_analysis(compiled) -> dict:
+  """`compiled.cost_analysis()` returned a list of dicts in older jax."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})

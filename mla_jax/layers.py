@@ -1,0 +1,146 @@
+"""Pieces every variant shares: parameters with axis names, norms, RoPE, MLPs,
+and the masked softmax. The attention math itself lives in `mla_jax/attention/`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import compat
+from mla_jax.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
+          std: float = 0.02, dtype=jnp.float32) -> nnx.Param:
+  """A weight drawn from N(0, std^2) (std 0 gives zeros), named by logical axes."""
+  shape = tuple(int(s) for s in shape)
+  if std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return compat.param(value, axes)
+
+
+def ones(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+  return compat.param(jnp.ones(tuple(shape), dtype), axes)
+
+
+def zeros(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+  return compat.param(jnp.zeros(tuple(shape), dtype), axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """RMSNorm over the last axis, computed in fp32 (Llama / the MLRA code base)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with one weight vector; `shape` may carry leading axes (one norm
+  per latent block, as in GLA and MLRA), normalising only the last axis."""
+
+  def __init__(self, shape: int | Sequence[int], axes: Sequence[str | None] = ("norm",),
+               eps: float = 1e-6, param_dtype=jnp.float32):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    self.weight = ones(shape, axes, param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias (GPT-2 / nanoGPT), computed in fp32."""
+
+  def __init__(self, dim: int, eps: float = 1e-5, param_dtype=jnp.float32):
+    self.scale = ones((dim,), ("norm",), param_dtype)
+    self.bias = zeros((dim,), ("norm",), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Half-split (non-interleaved) rotary embedding.
+
+  x: [batch, seq, ..., dim] with dim even; positions: [batch, seq] (int).
+  y = [x1 cos - x2 sin, x1 sin + x2 cos] with x1, x2 the two halves of x.
+  """
+  dim = x.shape[-1]
+  if dim == 0:
+    return x
+  if dim % 2:
+    raise ValueError(f"RoPE needs an even width, got {dim}")
+  half = dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, half]
+  # Broadcast over any axes between seq and dim (heads, blocks, ...).
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis in fp32, with masked-out keys at probability 0."""
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def causal_mask(q_len: int, k_len: int) -> jax.Array:
+  """[q_len, k_len] mask for a query block that ends at the last key."""
+  offset = k_len - q_len
+  return jnp.arange(q_len)[:, None] + offset >= jnp.arange(k_len)[None, :]
+
+
+def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
+  """einsum in the compute dtype (weights are stored in param_dtype)."""
+  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+
+
+class SwiGLU(nnx.Module):
+  """Llama MLP: W2 (silu(x W1) * x W3); W2 starts at zero like the MLRA code base."""
+
+  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+               init_std: float = 0.02, out_std: float = 0.0):
+    self.w_gate = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=param_dtype)
+    self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=param_dtype)
+    self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), std=out_std, dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    gate = dense(x, self.w_gate[...], "bsd,df->bsf", self.dtype)
+    up = dense(x, self.w_up[...], "bsd,df->bsf", self.dtype)
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return dense(h, self.w_down[...], "bsf,fd->bsd", self.dtype)
+
+
+class GeluMLP(nnx.Module):
+  """GPT-2 MLP: W_proj gelu(x W_fc), width 4d, no biases."""
+
+  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+               init_std: float = 0.02, out_std: float = 0.02):
+    self.w_fc = param(rngs, (d_model, hidden), ("embed", "mlp"), std=init_std, dtype=param_dtype)
+    self.w_proj = param(rngs, (hidden, d_model), ("mlp", "embed"), std=out_std, dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    h = jax.nn.gelu(dense(x, self.w_fc[...], "bsd,df->bsf", self.dtype), approximate=True)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return dense(h, self.w_proj[...], "bsf,fd->bsd", self.dtype)
+
+
+def softmax_scale(dim: int) -> float:
+  return 1.0 / math.sqrt(dim)

@@ -1,0 +1,164 @@
+"""The Transformer LM: Llama-3 style or GPT-2 style, any attention variant.
+
+    llama: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); RoPE inside attention
+    gpt2:  x = tok_emb + pos_emb; x = x + Attn(LN(x)); x = x + GELU-MLP(LN(x))
+    logits = FinalNorm(x) E^T          (tied input / output embeddings)
+
+Three entry points share the layers: `__call__` (training forward), `prefill`
+(forward over a prompt batch that fills a preallocated cache) and `decode_step`
+(one token per sequence, per-sequence lengths, fixed shapes: jit once, loop).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import compat
+from mla_jax.attention.base import Cache, check_decode_impl
+from mla_jax.config import ModelConfig, _registry
+from mla_jax.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, param
+from mla_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
+
+
+def _norm(config: ModelConfig):
+  if config.flavour == "llama":
+    return RMSNorm(config.d_model, ("norm",), eps=config.eps, param_dtype=config.weight_dtype)
+  return LayerNorm(config.d_model, eps=config.eps, param_dtype=config.weight_dtype)
+
+
+class Block(nnx.Module):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    attn_cls = _registry()[config.attention.variant][1]
+    # Llama (the MLRA code base) starts output projections at zero; nanoGPT scales them.
+    out_std = 0.0 if config.flavour == "llama" else config.init_std / math.sqrt(2 * config.num_layers)
+    common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
+                  init_std=config.init_std, out_std=out_std)
+    self.attn_norm = _norm(config)
+    self.attn = attn_cls(config.attention, d_model=config.d_model, **common)
+    self.mlp_norm = _norm(config)
+    mlp_cls = SwiGLU if config.flavour == "llama" else GeluMLP
+    self.mlp = mlp_cls(config.d_model, config.mlp_dim, **common)
+
+  def __call__(self, x, positions):
+    x = x + self.attn(self.attn_norm(x), positions)
+    return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+
+  def prefill(self, x, positions, cache):
+    y, cache = self.attn.prefill(self.attn_norm(x), positions, cache)
+    x = x + y
+    return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
+
+  def decode(self, x, cache, lengths, decode_impl):
+    y, cache = self.attn.decode(self.attn_norm(x), cache, lengths, decode_impl)
+    x = x + y
+    return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
+
+
+class Transformer(nnx.Module):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    wdt = config.weight_dtype
+    self.embed = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
+                       std=config.init_std, dtype=wdt)
+    if config.flavour == "gpt2":
+      self.pos_embed = param(rngs, (config.max_seq_len, config.d_model), ("positions", "embed"),
+                             std=config.init_std, dtype=wdt)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = _norm(config)
+
+  # ------------------------------------------------------------------ pieces
+  def _embed(self, tokens, positions):
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+    if self.config.flavour == "gpt2":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+    return constrain(x, ACT)
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  @staticmethod
+  def _positions(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+  # ------------------------------------------------------------------ entry points
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """tokens [B, S] -> fp32 logits [B, S, V] (causal)."""
+    positions = self._positions(tokens) if positions is None else positions
+    x = self._embed(tokens, positions)
+    for layer in self.layers:
+      x = layer(x, positions)
+    return self._logits(x)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Cache]:
+    """One zero cache per layer, each array [batch, max_len, ...]."""
+    if self.config.flavour == "gpt2" and max_len > self.config.max_seq_len:
+      raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len} "
+                       "(the GPT-2 flavour's position table); generate fewer tokens or "
+                       "raise max_seq_len")
+    return [layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers]
+
+  def cache_axes(self) -> list[dict[str, tuple[str | None, ...]]]:
+    return [layer.attn.cache_axes() for layer in self.layers]
+
+  def prefill(self, tokens: jax.Array, cache: list[Cache]) -> tuple[jax.Array, list[Cache]]:
+    """Forward over right-padded prompts [B, S], writing cache slots [0, S)."""
+    positions = self._positions(tokens)
+    x = self._embed(tokens, positions)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = layer.prefill(x, positions, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x), new_cache
+
+  def decode_step(self, tokens: jax.Array, cache: list[Cache], lengths: jax.Array,
+                  decode_impl: str = "absorbed") -> tuple[jax.Array, list[Cache]]:
+    """tokens [B] at positions `lengths` [B] -> logits [B, V] and the updated cache."""
+    check_decode_impl(decode_impl)
+    positions = lengths[:, None].astype(jnp.int32)
+    x = self._embed(tokens[:, None], positions)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = layer.decode(x, layer_cache, lengths, decode_impl)
+      new_cache.append(layer_cache)
+    return self._logits(x)[:, 0], new_cache
+
+
+# ---------------------------------------------------------------------- abstract views
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStructs instead of arrays: no memory, no compute."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def _variables(model) -> Iterator[tuple[str, nnx.Variable]]:
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    yield "/".join(str(p) for p in path), var
+
+
+def abstract_params(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], tuple]]:
+  """(path, shape, logical axes) of every parameter."""
+  for path, var in _variables(abstract_model(config)):
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    yield path, tuple(value.shape), compat.variable_axes(var)
+
+
+def count_params(config: ModelConfig) -> dict[str, int]:
+  """Parameter counts from abstract shapes. `non_embedding` leaves out the
+  (tied) token embedding and the position table."""
+  total = embedding = attention = 0
+  for path, shape, _ in abstract_params(config):
+    n = math.prod(shape)
+    total += n
+    embedding += n if path in ("embed", "pos_embed") else 0
+    attention += n if "/attn/" in f"/{path}/" else 0
+  return {"total": total, "non_embedding": total - embedding, "attention": attention}

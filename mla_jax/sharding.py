@@ -1,0 +1,343 @@
+"""Logical-axis sharding: one rules table, mesh construction and placement.
+
+Modules only *name* their axes (`embed`, `q_heads`, `kv_heads`,
+`latent_blocks`, ...). `RULES` maps those names to the mesh axes, and
+everything here turns names into `NamedSharding`s.
+
+The mesh has four axes: `data`, `fsdp`, and the tensor-parallel degree T the
+user asks for, factored as `tensor` x `tensor_rep`:
+
+* Every variant has one axis of n *cache entries* that tensor parallelism
+  splits: KV heads (MHA/MQA/GQA, GTA), latent blocks (MLRA), latent heads
+  (GLA), heads (TPA's A factors), or a single latent (MLA, MFA: n = 1).
+* The replication rule: if T divides n, `tensor` = T and `tensor_rep` = 1 (each
+  device holds n / T entries). If n divides T, `tensor` = n and `tensor_rep` =
+  T / n: each entry is replicated on T / n devices, and the query heads that
+  read one entry split across those devices. Otherwise no clean layout exists
+  and `make_mesh` raises a ValueError naming the TP degrees that work.
+* Cache-entry axes map to `tensor`; query heads, MLP and vocab map to
+  (`tensor`, `tensor_rep`), i.e. all T devices.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mla_jax import compat
+
+MESH_AXES = ("data", "fsdp", "tensor", "tensor_rep")
+TP = ("tensor", "tensor_rep")  # all tensor-parallel devices
+
+# Logical axis name -> mesh axes. Names not listed are replicated.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations and caches
+    ("batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+    ("act_heads", TP),
+    ("act_mlp", TP),
+    ("act_vocab", TP),
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", TP),
+    ("mlp", TP),
+    ("q_heads", TP),               # query heads, flat, grouped under their cache entry
+    # the cache-entry axes (and parameters that follow them)
+    ("kv_heads", "tensor"),
+    ("latent_heads", "tensor"),
+    ("latent_blocks", "tensor"),
+    # query heads that read one cache entry split over the replicas of that entry
+    ("q_per_entry", "tensor_rep"),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """What the user asks for: `data:2,fsdp:1,tensor:4`."""
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @classmethod
+  def parse(cls, spec: "str | MeshSpec | Mapping[str, int] | None") -> "MeshSpec":
+    if spec is None or spec == "":
+      return cls()
+    if isinstance(spec, MeshSpec):
+      return spec
+    if isinstance(spec, Mapping):
+      items = dict(spec)
+    else:
+      items = {}
+      for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+          continue
+        name, sep, size = part.partition(":")
+        if not sep or not size.strip().isdigit():
+          raise ValueError(f"bad mesh entry {part!r} in {spec!r}: write axis:size pairs, "
+                           "e.g. --mesh=data:2,fsdp:1,tensor:4")
+        if name.strip() in items:
+          raise ValueError(f"mesh axis {name.strip()!r} given twice in {spec!r}")
+        items[name.strip()] = int(size)
+    unknown = sorted(set(items) - {"data", "fsdp", "tensor"})
+    if unknown:
+      raise ValueError(f"unknown mesh axis {unknown[0]!r} in {spec!r}: the axes are data, fsdp "
+                       "and tensor, e.g. --mesh=data:2,tensor:4")
+    for name, size in items.items():
+      if size < 1:
+        raise ValueError(f"mesh axis {name} has size {size}; sizes must be >= 1")
+    return cls(**items)
+
+  @property
+  def size(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+  def __str__(self) -> str:
+    return f"data:{self.data},fsdp:{self.fsdp},tensor:{self.tensor}"
+
+
+def factor_tensor(tp: int, entries: int, what: str = "cache entries") -> tuple[int, int]:
+  """(tensor, tensor_rep) for TP degree `tp` over `entries` cache entries."""
+  if entries % tp == 0:
+    return tp, 1
+  if tp % entries == 0:
+    return entries, tp // entries
+  raise ValueError(
+      f"{entries} {what} cannot be laid out on tensor:{tp}: the TP degree must divide "
+      f"{entries} or be a multiple of it (TP degrees that work: "
+      f"{_fmt_degrees(_entry_degrees(entries))}, ...)")
+
+
+def _entry_degrees(entries: int, limit: int = 64) -> list[int]:
+  return [t for t in range(1, limit + 1) if entries % t == 0 or t % entries == 0]
+
+
+def _fmt_degrees(degrees: Iterable[int]) -> str:
+  return ", ".join(str(d) for d in degrees)
+
+
+def make_mesh(spec: "str | MeshSpec | Mapping[str, int] | None" = None, config=None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Build the 4-axis mesh for `spec`, factoring `tensor` for `config`'s attention.
+
+  With a model config the layout is validated first (every parameter and cache
+  axis must divide evenly), so a bad layout fails here, before any compile.
+  """
+  spec = MeshSpec.parse(spec)
+  all_devices = list(jax.devices()) if devices is None else list(devices)
+  if spec.size > len(all_devices):
+    raise ValueError(f"mesh {spec} needs {spec.size} devices but only {len(all_devices)} are "
+                     f"available: shrink the mesh (its sizes multiply to the device count), or on "
+                     f"a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={spec.size}")
+  tensor, rep = spec.tensor, 1
+  if config is not None:
+    check_layout(config, spec)
+    tensor, rep = factor_tensor(spec.tensor, config.attention.partition_entries(),
+                                config.attention.partition_entries_name())
+  shape = (spec.data, spec.fsdp, tensor, rep)
+  return compat.make_mesh(shape, MESH_AXES, devices=all_devices[: spec.size])
+
+
+def axis_sizes(mesh: jax.sharding.Mesh) -> dict[str, int]:
+  return dict(zip(mesh.axis_names, mesh.devices.shape))
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, *,
+                    mesh_axis_sizes: Mapping[str, int] | None = None, rules: Rules = RULES,
+                    strict: bool = True, what: str = "array") -> PartitionSpec:
+  """PartitionSpec for logical `axes`. With `shape`, every sharded dimension must
+  divide evenly (strict) or falls back to replicated (strict=False)."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(axes):
+    mesh_axes = table.get(name) if name is not None else None
+    if mesh_axes is None:
+      out.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    if mesh_axis_sizes is not None:
+      mesh_axes = tuple(a for a in mesh_axes if a in mesh_axis_sizes)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)  # a mesh axis shards one dim only
+    if mesh_axes and shape is not None and mesh_axis_sizes is not None:
+      ways = math.prod(mesh_axis_sizes[a] for a in mesh_axes)
+      if shape[i] % ways:
+        if strict:
+          raise ValueError(
+              f"{what}: dimension {i} ({name!r}, size {shape[i]}) does not split over mesh axes "
+              f"{mesh_axes} ({ways} devices); pick a mesh whose {'x'.join(mesh_axes)} size "
+              f"divides {shape[i]}")
+        mesh_axes = ()
+    used.update(mesh_axes)
+    out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return PartitionSpec(*out)
+
+
+def named_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str | None],
+                   shape: Sequence[int] | None = None, *, rules: Rules = RULES,
+                   strict: bool = True, what: str = "array") -> NamedSharding:
+  spec = logical_to_spec(axes, shape, mesh_axis_sizes=axis_sizes(mesh), rules=rules,
+                         strict=strict, what=what)
+  return NamedSharding(mesh, spec)
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mla_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = RULES):
+  """Trace under `mesh`: `constrain` then pins activations to the rules' layout."""
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    with compat.set_mesh(mesh):
+      yield mesh
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active_mesh() -> jax.sharding.Mesh | None:
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside `use_mesh`. Dimensions
+  that do not divide their mesh axes stay replicated (a hint, never an error)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, named_sharding(mesh, axes, x.shape, rules=rules, strict=False))
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules = RULES):
+  """NamedShardings for an nnx.State (model or optimizer): each variable by its
+  logical axis names; variables without names (counters, rng) are replicated."""
+
+  def one(path, leaf):
+    value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+    axes = compat.variable_axes(leaf)
+    shape = getattr(value, "shape", ())
+    if axes is None or len(axes) != len(shape):
+      return leaf.replace(NamedSharding(mesh, PartitionSpec()))
+    return leaf.replace(named_sharding(mesh, axes, shape, rules=rules,
+                                       what=f"parameter {_path_str(path)}"))
+
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+def place_state(state, mesh: jax.sharding.Mesh, rules: Rules = RULES):
+  """device_put an nnx.State onto `mesh` by its logical axes."""
+  shardings = state_shardings(state, mesh, rules)
+  return jax.device_put(state, shardings)
+
+
+def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules = RULES) -> nnx.Module:
+  """Place every array of an NNX module (a model, an nnx.Optimizer) on `mesh`, in place."""
+  state = nnx.state(module)
+  nnx.update(module, place_state(state, mesh, rules))
+  return module
+
+
+def tree_shardings(tree, axes_tree, mesh: jax.sharding.Mesh, rules: Rules = RULES,
+                   what: str = "cache"):
+  """NamedShardings for a plain pytree of arrays (e.g. a KV cache) given a
+  matching pytree of logical axis tuples."""
+  return jax.tree.map(
+      lambda x, axes: named_sharding(mesh, axes, x.shape, rules=rules, what=what),
+      tree, axes_tree, is_leaf=lambda a: isinstance(a, tuple) and all(
+          isinstance(n, (str, type(None))) for n in a))
+
+
+def place_tree(tree, axes_tree, mesh: jax.sharding.Mesh, rules: Rules = RULES):
+  return jax.device_put(tree, _align(tree, tree_shardings(tree, axes_tree, mesh, rules)))
+
+
+def _align(tree, shardings):
+  return jax.tree.unflatten(jax.tree.structure(tree), jax.tree.leaves(
+      shardings, is_leaf=lambda s: isinstance(s, NamedSharding)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _abstract_arrays(config):
+  """(path, shape, axes) for every parameter and per-token cache array of `config`."""
+  from mla_jax.model import abstract_params  # late import: model imports this module
+  out = list(abstract_params(config))
+  for name, (shape, axes) in config.attention.cache_spec().items():
+    # batch and length are laid out by their own axes; per-token dims carry the cache-entry axis
+    out.append((f"cache/{name}", tuple(shape), tuple(axes)))
+  return out
+
+
+def check_layout(config, spec: "str | MeshSpec") -> None:
+  """Raise a one-line ValueError if `config` cannot be laid out on `spec`."""
+  spec = MeshSpec.parse(spec)
+  attn = config.attention
+  entries = attn.partition_entries()
+  try:
+    tensor, rep = factor_tensor(spec.tensor, entries, attn.partition_entries_name())
+    sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
+    for path, shape, axes in _abstract_arrays(config):
+      logical_to_spec(axes, shape, mesh_axis_sizes=sizes, what=path)
+  except ValueError as e:
+    works = valid_tp_degrees(config, spec)
+    raise ValueError(f"{config.attention.variant} cannot shard on mesh {spec}: {e}. "
+                     f"TP degrees that work for this model (with data:{spec.data},"
+                     f"fsdp:{spec.fsdp}): {_fmt_degrees(works) or 'none'}") from None
+
+
+def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 64) -> list[int]:
+  spec = MeshSpec.parse(spec)
+  arrays = _abstract_arrays(config)
+  entries = config.attention.partition_entries()
+  good = []
+  for tp in _entry_degrees(entries, limit):
+    tensor, rep = factor_tensor(tp, entries)
+    sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
+    try:
+      for path, shape, axes in arrays:
+        logical_to_spec(axes, shape, mesh_axis_sizes=sizes, what=path)
+    except ValueError:
+      continue
+    good.append(tp)
+  return good
+
+
+def per_device_bytes(x: jax.Array) -> int:
+  """Bytes of the shard on the first addressable device (all shards are equal here)."""
+  shard = x.addressable_shards[0]
+  return int(np.prod(shard.data.shape)) * x.dtype.itemsize
