@@ -117,10 +117,8 @@ def factor_tensor(tp: int, entries: int, what: str = "cache entries") -> tuple[i
     return tp, 1
   if tp % entries == 0:
     return entries, tp // entries
-  raise ValueError(
-      f"{entries} {what} cannot be laid out on tensor:{tp}: the TP degree must divide "
-      f"{entries} or be a multiple of it (TP degrees that work: "
-      f"{_fmt_degrees(_entry_degrees(entries))}, ...)")
+  raise ValueError(f"{entries} {what} cannot be laid out on tensor:{tp}: the TP degree must "
+                   f"divide {entries} or be a multiple of it")
 
 
 def _entry_degrees(entries: int, limit: int = 64) -> list[int]:
@@ -182,9 +180,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
       if shape[i] % ways:
         if strict:
           raise ValueError(
-              f"{what}: dimension {i} ({name!r}, size {shape[i]}) does not split over mesh axes "
-              f"{mesh_axes} ({ways} devices); pick a mesh whose {'x'.join(mesh_axes)} size "
-              f"divides {shape[i]}")
+              f"{what}: dimension {i} ({name!r}, size {shape[i]}) does not split over the "
+              f"{ways} devices of mesh axes {'x'.join(mesh_axes)}")
         mesh_axes = ()
     used.update(mesh_axes)
     out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -315,7 +312,7 @@ def check_layout(config, spec: "str | MeshSpec") -> None:
       logical_to_spec(axes, shape, mesh_axis_sizes=sizes, what=path)
   except ValueError as e:
     works = valid_tp_degrees(config, spec)
-    raise ValueError(f"{config.attention.variant} cannot shard on mesh {spec}: {e}. "
+    raise ValueError(f"{config.attention.variant} cannot shard on mesh {spec}: {e}; "
                      f"TP degrees that work for this model (with data:{spec.data},"
                      f"fsdp:{spec.fsdp}): {_fmt_degrees(works) or 'none'}") from None
 
@@ -341,3 +338,26 @@ def per_device_bytes(x: jax.Array) -> int:
   """Bytes of the shard on the first addressable device (all shards are equal here)."""
   shard = x.addressable_shards[0]
   return int(np.prod(shard.data.shape)) * x.dtype.itemsize
+
+
+def place_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=None):
+  """Allocate one layer's cache for `config` (a ModelConfig) directly on `mesh`,
+  each array sharded by its logical axes (no weights needed)."""
+  import jax.numpy as jnp
+  from mla_jax.attention.base import cache_axes, init_cache
+  attn = config.attention
+  dtype = jnp.float32 if dtype is None else dtype
+  abstract = jax.eval_shape(lambda: init_cache(attn, batch, max_len, dtype))
+  shardings = {name: named_sharding(mesh, axes, abstract[name].shape, what=f"cache/{name}")
+               for name, axes in cache_axes(attn).items()}
+  return jax.jit(lambda: init_cache(attn, batch, max_len, dtype), out_shardings=shardings)()
+
+
+def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
+  """Elements per token of each cache array held on one device, measured from
+  its buffers: the shard's size over (its batch rows x its length)."""
+  out = {}
+  for name, x in cache.items():
+    shard = x.addressable_shards[0].data
+    out[name] = int(np.prod(shard.shape[2:]))
+  return out

@@ -37,6 +37,19 @@ def check_decode_impl(decode_impl: str) -> None:
     raise ValueError(f"unknown decode_impl {decode_impl!r}; choose one of {', '.join(DECODE_IMPLS)}")
 
 
+def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
+  """Logical axes of each cache array: [cache_batch, cache_length, *per-token axes]."""
+  return {name: ("cache_batch", "cache_length") + tuple(axes)
+          for name, (_, axes) in config.cache_spec().items()}
+
+
+def init_cache(config: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+  """A zero cache of fixed shape [batch, max_len, ...] per array (needs no weights)."""
+  axes = cache_axes(config)
+  return {name: constrain(jnp.zeros((batch, max_len) + tuple(shape), dtype), axes[name])
+          for name, (shape, _) in config.cache_spec().items()}
+
+
 class Attention(nnx.Module):
   """Base class: subclasses set `Config` and implement the three methods above."""
 
@@ -70,16 +83,10 @@ class Attention(nnx.Module):
     return self.attend(x, positions, self.cache_entries(x, positions))
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
-    return {name: ("cache_batch", "cache_length") + tuple(axes)
-            for name, (_, axes) in self.config.cache_spec().items()}
+    return cache_axes(self.config)
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    """A zero cache of fixed shape [batch, max_len, ...] per array."""
-    cache = {}
-    axes = self.cache_axes()
-    for name, (shape, _) in self.config.cache_spec().items():
-      cache[name] = constrain(jnp.zeros((batch, max_len) + tuple(shape), dtype), axes[name])
-    return cache
+    return init_cache(self.config, batch, max_len, dtype)
 
   def cache_elements_per_token(self) -> int:
     return self.config.cache_elements_per_token()
