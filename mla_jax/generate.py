@@ -78,6 +78,11 @@ def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   check_decode_impl(decode_impl)
+  config = model.config
+  if config.flavour == "gpt2" and prompts.shape[1] + max_new_tokens > config.max_seq_len:
+    raise ValueError(f"prompt width {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                     f"max_seq_len={config.max_seq_len} (the GPT-2 flavour's position table); "
+                     "generate fewer tokens")
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   graphdef, state = nnx.split(model)
