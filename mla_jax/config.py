@@ -162,7 +162,8 @@ class ModelConfig:
     attn = dict(d.pop("attention"))
     known = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(d) - known)
-    _check(not extra, f"unknown model config field {extra[0]!r}")
+    if extra:
+      raise ValueError(f"unknown model config field {extra[0]!r}")
     reg = _registry()
     variant = attn.get("variant")
     _check(variant in reg, f"unknown attention variant {variant!r}; choose one of "
@@ -170,7 +171,8 @@ class ModelConfig:
     acls = reg[variant][0]
     aknown = {f.name for f in dataclasses.fields(acls)}
     aextra = sorted(set(attn) - aknown)
-    _check(not aextra, f"unknown field {aextra[0]!r} for attention variant {variant!r}")
+    if aextra:
+      raise ValueError(f"unknown field {aextra[0]!r} for attention variant {variant!r}")
     return cls(attention=acls(**attn), **d)
 
   @classmethod

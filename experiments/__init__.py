@@ -1,0 +1,1 @@
+"""Experiment runner and configs: `python -m experiments.run --flagfile=...`."""
