@@ -189,3 +189,36 @@ def test_dimension_that_does_not_split():
   with pytest.raises(ValueError, match=r"mesh data:1,fsdp:1,tensor:4: embed: dimension 0 "
                                        r"\('vocab', size 61\) does not split"):
     sharding.make_mesh("tensor:4", config)
+
+
+# ------------------------------------------------------------------ what a sharded decode step moves
+
+
+@pytest.mark.parametrize("variant,mesh_spec", [("mlra4", "tensor:4"), ("mlra4", "tensor:8"),
+                                               ("mlra2", "tensor:4"), ("gla2", "tensor:4"),
+                                               ("mla", "tensor:4"), ("gqa", "data:2,tensor:4")])
+def test_sharded_decode_never_gathers_the_cache(variant, mesh_spec):
+  """Each device reads only its own cache shard: the step's collectives move
+  activations (partial outputs summed across devices), not cache."""
+  from mla_jax import hlo
+  config = small_config(variant, vocab=64, num_heads=8, layers=1,
+                        **({"num_kv_heads": 2} if variant == "gqa" else {}))
+  mesh = sharding.make_mesh(mesh_spec, config)
+  model = sharding.shard_module(random_model(config), mesh)
+  batch, max_len = 8, 512
+  with sharding.use_mesh(mesh):
+    cache = [sharding.place_cache(config, mesh, batch, max_len)]
+    graphdef, state = nnx.split(model)
+
+    def step(state, tokens, cache, lengths):
+      return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths, "absorbed")
+
+    compiled = jax.jit(step).lower(state, jnp.zeros((batch,), jnp.int32), cache,
+                                   jnp.full((batch,), 7, jnp.int32)).compile()
+  cache_bytes = sum(x.addressable_shards[0].data.nbytes for x in cache[0].values())
+  colls = hlo.collectives(compiled.as_text())
+  moved = sum(c.bytes for c in colls)
+  assert moved < cache_bytes / 20, (moved, cache_bytes, colls)
+  if sharding.MeshSpec.parse(mesh_spec).tensor > 1:
+    # the per-device partial outputs are summed across devices
+    assert any(c.op == "all-reduce" for c in colls)
