@@ -15,10 +15,13 @@ from mla_jax.sharding import constrain
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
-          std: float = 0.02, dtype=jnp.float32) -> nnx.Param:
-  """A weight drawn from N(0, std^2) (std 0 gives zeros), named by logical axes."""
+          std: float = 0.02, dtype=jnp.float32, init=None) -> nnx.Param:
+  """A weight drawn from N(0, std^2) (std 0 gives zeros), or from `init(key,
+  shape, dtype)`, named by logical axes."""
   shape = tuple(int(s) for s in shape)
-  if std == 0.0:
+  if init is not None:
+    value = init(rngs.params(), shape, dtype)
+  elif std == 0.0:
     value = jnp.zeros(shape, dtype)
   else:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
@@ -31,6 +34,14 @@ def ones(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) ->
 
 def zeros(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
   return compat.param(jnp.zeros(tuple(shape), dtype), axes)
+
+
+def xavier_uniform_3d(key, shape, dtype=jnp.float32):
+  """torch.nn.init.xavier_uniform_ on a 3-D tensor [s0, s1, s2]: fan_in = s1 s2,
+  fan_out = s0 s2 (how the TPA authors initialise their factor projections)."""
+  s0, s1, s2 = shape
+  bound = math.sqrt(6.0 / (s1 * s2 + s0 * s2))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -35,6 +35,9 @@ PAPER_VARIANTS: dict[str, tuple[dict, int, int | None]] = {
     "gla4": (dict(q_lora_rank=1024, **_LATENT), 10136, None),
     "mlra2": (dict(q_lora_rank=1024, **_LATENT), 10048, 9024),
     "mlra4": (dict(q_lora_rank=1024, **_LATENT), 9880, 8856),
+    "gta": (dict(head_dim=128, num_kv_heads=6), 9960, None),
+    "tpa": (dict(head_dim=128, q_rank=6, k_rank=2, v_rank=2), 10760, None),
+    "mfa": (dict(head_dim=256, q_lora_rank=2048), 8024, None),
 }
 
 

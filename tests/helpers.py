@@ -20,6 +20,9 @@ SMALL_ATTENTION = {
     "gla4": dict(num_heads=8, q_lora_rank=0, **LATENT),
     "mlra2": dict(num_heads=4, q_lora_rank=16, **LATENT),
     "mlra4": dict(num_heads=4, q_lora_rank=16, **LATENT),
+    "gta": dict(num_heads=4, num_kv_heads=2, head_dim=8),
+    "tpa": dict(num_heads=4, head_dim=8, q_rank=3, k_rank=2, v_rank=2),
+    "mfa": dict(num_heads=4, head_dim=16, q_lora_rank=16),
 }
 GATED = ("gqa", "mla", "gla2", "mlra2", "mlra4")
 

@@ -151,3 +151,51 @@ def mlra(x, positions, W, *, h, branches, d_c, d_n, d_r, d_v, q_lora, n_blocks=4
   if gated:
     y = y * sigmoid(x @ W["wg"])
   return y @ W["wo"]
+
+
+def gta(x, positions, W, *, h, h_kv, d_h, d_r, theta=10000.0):
+  """Grouped-tied attention. W: wq [d, h*d_h], w_kv [d, h_kv*d_h], w_kr [d, d_r],
+  wo [h*d_h, d]. K_j = [s_j[:d_h-d_r] | RoPE(x W_KR)], V_j = s_j; the query's
+  last d_r columns are rotated."""
+  n = d_h - d_r
+  k_rope = rope(x @ W["w_kr"], positions, theta)
+  out = []
+  for i in range(h):
+    j = i // (h // h_kv)
+    q = x @ W["wq"][:, i * d_h:(i + 1) * d_h]
+    q = np.concatenate([q[:, :n], rope(q[:, n:], positions, theta)], -1)
+    s = x @ W["w_kv"][:, j * d_h:(j + 1) * d_h]
+    k = np.concatenate([s[:, :n], k_rope], -1)
+    out.append(softmax_causal(q @ k.T / np.sqrt(d_h)) @ s)
+  return np.concatenate(out, -1) @ W["wo"]
+
+
+def tpa(x, positions, W, *, h, d_h, r_q, r_k, r_v, theta=10000.0):
+  """Tensor product attention. W: wa_q [d, h*r_q] (head i, rank r at column
+  i*r_q + r), wb_q [d, r_q*d_h] (rank r at columns r*d_h..), likewise k and v."""
+  S = x.shape[0]
+
+  def factor(name, rank, rotate):
+    a = (x @ W["wa_" + name]).reshape(S, h, rank)
+    b = (x @ W["wb_" + name]).reshape(S, rank, d_h)
+    if rotate:
+      b = np.stack([rope(b[:, r], positions, theta) for r in range(rank)], 1)
+    # per head: sum_r a[:, i, r] b[:, r, :] / rank
+    return [sum(a[:, i, r:r + 1] * b[:, r] for r in range(rank)) / rank for i in range(h)]
+
+  qs, ks, vs = factor("q", r_q, True), factor("k", r_k, True), factor("v", r_v, False)
+  out = [softmax_causal(qs[i] @ ks[i].T / np.sqrt(d_h)) @ vs[i] for i in range(h)]
+  return np.concatenate(out, -1) @ W["wo"]
+
+
+def mfa(x, positions, W, *, h, c, theta=10000.0):
+  """MFA. W: wq_a [d, C_q], q_norm [C_q], wq_b [C_q, h*C], wk/wv [d, C], wo [h*C, d]."""
+  c_q = rms_norm(x @ W["wq_a"], W["q_norm"])
+  q = c_q @ W["wq_b"]
+  k = rope(x @ W["wk"], positions, theta)
+  v = x @ W["wv"]
+  out = []
+  for i in range(h):
+    qi = rope(q[:, i * c:(i + 1) * c], positions, theta)
+    out.append(softmax_causal(qi @ k.T / np.sqrt(c)) @ v)
+  return np.concatenate(out, -1) @ W["wo"]

@@ -12,6 +12,12 @@ def expected_per_token(attn) -> int:
   """The cache formulas of ../shared/reference/attention_variants.md, by hand."""
   if attn.variant in ("mha", "mqa", "gqa"):
     return 2 * attn.num_kv_heads * attn.head_dim
+  if attn.variant == "gta":                          # tied K/V state + a half-width rope key
+    return attn.num_kv_heads * attn.head_dim + attn.head_dim // 2
+  if attn.variant == "tpa":                          # the K and V factors
+    return (attn.k_rank + attn.v_rank) * (attn.num_heads + attn.head_dim)
+  if attn.variant == "mfa":                          # one K and one V head of width C
+    return 2 * attn.head_dim
   return attn.kv_lora_rank + attn.qk_rope_head_dim   # every latent variant: d_c + d_r
 
 
@@ -30,7 +36,7 @@ def test_allocated_cache_holds_exactly_the_accounted_elements(variant):
 
 # The MLRA paper's Table: elements cached per token per layer.
 PAPER_CACHE = {"mha": 6144, "mqa": 256, "gqa": 1536, "mla": 576, "gla2": 576, "gla4": 576,
-               "mlra2": 576, "mlra4": 576}
+               "mlra2": 576, "mlra4": 576, "gta": 832, "tpa": 608, "mfa": 512}
 
 
 @pytest.mark.parametrize("variant", list(PAPER_CACHE))
@@ -62,6 +68,10 @@ def test_paper_configs_are_parameter_matched():
     ("mha", "tensor:4", 6144 // 4),
     ("mqa", "tensor:8", 256),
     ("gqa", "tensor:2", 1536 // 2),
+    ("gta", "tensor:2", 3 * 128 + 64),               # 3 of 6 KV states + the rope key
+    ("tpa", "tensor:4", (2 + 2) * (24 // 4 + 128)),  # A factors split by heads, B replicated
+    ("tpa", "tensor:8", (2 + 2) * (24 // 8 + 128)),
+    ("mfa", "tensor:8", 512),
 ])
 def test_per_device_cache_buffers_at_paper_config(variant, mesh_spec, per_device):
   config = presets.mlra_paper(variant)
@@ -74,8 +84,8 @@ def test_per_device_cache_buffers_at_paper_config(variant, mesh_spec, per_device
     sizes = {s.data.size for s in x.addressable_shards}
     assert len(sizes) == 1
   batch_shards = sharding.MeshSpec.parse(mesh_spec).data
-  key = "kv_latent" if "kv_latent" in cache else "key"
-  assert cache[key].addressable_shards[0].data.shape[:2] == (2 // batch_shards, 16)
+  for x in cache.values():
+    assert x.addressable_shards[0].data.shape[:2] == (2 // batch_shards, 16)
 
 
 def test_mlra4_blocks_are_distinct_per_device_at_tp4():

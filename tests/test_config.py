@@ -66,7 +66,7 @@ def test_from_dict_rejects_unknown_fields():
 
 
 def test_registry_and_presets():
-  assert variants() == ["gla2", "gla4", "gqa", "mha", "mla", "mlra2", "mlra4", "mqa"]
+  assert variants() == ["gla2", "gla4", "gqa", "gta", "mfa", "mha", "mla", "mlra2", "mlra4", "mqa", "tpa"]
   assert presets.get("paper_mlra4_gated").attention.gated
   with pytest.raises(ValueError, match="unknown preset 'paper_xyz'"):
     presets.get("paper_xyz")

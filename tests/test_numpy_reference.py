@@ -24,6 +24,15 @@ def flat_weights(attn):
     W["wq"] = _np(attn.wq).reshape(D, -1)
     W["wk"] = _np(attn.wk).reshape(D, -1)
     W["wv"] = _np(attn.wv).reshape(D, -1)
+  elif cfg.variant == "gta":
+    W["wq"], W["w_kv"], W["w_kr"] = _np(attn.wq).reshape(D, -1), _np(attn.w_kv).reshape(D, -1), _np(attn.w_kr)
+  elif cfg.variant == "tpa":
+    for name in ("wa_q", "wb_q", "wa_k", "wb_k", "wa_v", "wb_v"):
+      W[name] = _np(getattr(attn, name)).reshape(D, -1)
+  elif cfg.variant == "mfa":
+    W["wq_a"], W["q_norm"] = _np(attn.wq_a), _np(attn.q_norm.weight)
+    W["wq_b"] = _np(attn.wq_b).reshape(cfg.q_lora_rank, -1)
+    W["wk"], W["wv"] = _np(attn.wk), _np(attn.wv)
   else:
     if cfg.q_lora_rank:
       W["wq_a"], W["q_norm"] = _np(attn.wq_a), _np(attn.q_norm.weight)
@@ -42,13 +51,21 @@ def flat_weights(attn):
       W["w_uk"] = [blk.reshape(blk.shape[0], -1) for blk in w_uk]
       W["w_uv"] = [blk.reshape(blk.shape[0], -1) for blk in w_uv]
   W["wo"] = _np(attn.wo).reshape(-1, D)
-  if cfg.gated:
+  if getattr(cfg, "gated", False):
     W["wg"] = _np(attn.wg).reshape(D, -1)
   return W
 
 
 def reference(x, positions, attn):
   cfg, W = attn.config, flat_weights(attn)
+  if cfg.variant == "gta":
+    return ref.gta(x, positions, W, h=cfg.num_heads, h_kv=cfg.num_kv_heads, d_h=cfg.head_dim,
+                   d_r=cfg.rope_dim)
+  if cfg.variant == "tpa":
+    return ref.tpa(x, positions, W, h=cfg.num_heads, d_h=cfg.head_dim, r_q=cfg.q_rank,
+                   r_k=cfg.k_rank, r_v=cfg.v_rank)
+  if cfg.variant == "mfa":
+    return ref.mfa(x, positions, W, h=cfg.num_heads, c=cfg.head_dim)
   if cfg.variant in ("mha", "mqa", "gqa"):
     return ref.gqa(x, positions, W, h=cfg.num_heads, h_kv=cfg.num_kv_heads, d_h=cfg.head_dim,
                    use_rope=cfg.rope, gated=cfg.gated)
@@ -63,7 +80,8 @@ def reference(x, positions, attn):
 
 CASES = ([(v, {}) for v in SMALL_ATTENTION] + [(v, {"gated": True}) for v in GATED] +
          [("mla", {"qk_rope_head_dim": 0, "scales": False}), ("mlra2", {"q_lora_rank": 0}),
-          ("gla2", {"v_head_dim": 12}), ("gqa", {"rope": False}), ("mlra4", {"scales": False})])
+          ("gla2", {"v_head_dim": 12}), ("gqa", {"rope": False}), ("mlra4", {"scales": False}),
+          ("gta", {"rope_head_dim": 2})])
 
 
 @pytest.mark.parametrize("variant,overrides", CASES)

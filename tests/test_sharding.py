@@ -18,7 +18,7 @@ from helpers import random_model, small_config
 from mla_jax import sharding
 from mla_jax.attention.base import init_cache
 
-VARIANTS = ["mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4"]
+VARIANTS = ["mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa"]
 MESHES = ["data:8", "data:2,tensor:4", "fsdp:2,tensor:4", "tensor:4", "tensor:8"]
 DECODE = ["naive", "absorbed"]
 
