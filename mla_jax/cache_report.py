@@ -1,0 +1,193 @@
+"""KV-cache report: parameters, cache per token, and the per-device cache at each
+TP degree measured from arrays actually placed on a (simulated) mesh.
+
+`rows()` does the measuring; `write()` prints the table and writes the CSV and
+the bar chart. `experiments.run --mode=kv_report` drives it, and the decode
+traffic report adds compiled-program figures to the same rows.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax import sharding
+from mla_jax.config import ModelConfig
+from mla_jax.model import count_params
+
+
+@dataclasses.dataclass
+class Row:
+  variant: str
+  tp: int
+  params: int
+  non_embedding_params: int
+  cache_elements_per_token: int          # per layer, whole model (all devices together)
+  cache_bytes_per_token: int             # per layer
+  cache_bytes_total: int                 # all layers, the given batch and context
+  mesh: str = ""                         # tensor x tensor_rep actually used
+  per_device_elements_per_token: int | None = None   # per layer, measured on the device buffers
+  per_device_dh: float | None = None     # the same in units of d_h = d_model / num_heads
+  per_device_bytes_total: int | None = None           # all layers, the given batch and context
+  note: str = ""                         # why there is no layout at this TP degree
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def head_unit(config: ModelConfig) -> int:
+  """d_h, the unit the MLRA paper counts cache in (128 at its config)."""
+  return config.d_model // config.attention.num_heads
+
+
+def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8), batch: int = 1,
+         context: int = 2048, cache_dtype=jnp.bfloat16, devices=None) -> list[Row]:
+  """One row per (variant, TP degree). Per-device figures come from one layer's
+  cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices)."""
+  devices = list(jax.devices("cpu") if devices is None else devices)
+  itemsize = jnp.dtype(cache_dtype).itemsize
+  out = []
+  for name, config in configs.items():
+    counts = count_params(config)
+    per_token = config.cache_elements_per_token()
+    base = dict(variant=name, params=counts["total"], non_embedding_params=counts["non_embedding"],
+                cache_elements_per_token=per_token, cache_bytes_per_token=per_token * itemsize,
+                cache_bytes_total=per_token * itemsize * config.num_layers * batch * context)
+    for tp in tps:
+      row = Row(tp=tp, **base)
+      if tp > len(devices):
+        row.note = f"needs {tp} devices, {len(devices)} available"
+        out.append(row)
+        continue
+      try:
+        mesh = sharding.make_mesh(f"tensor:{tp}", config, devices=devices)
+      except ValueError as e:
+        row.note = str(e)
+        out.append(row)
+        continue
+      sizes = sharding.axis_sizes(mesh)
+      row.mesh = f"{sizes['tensor']}x{sizes['tensor_rep']}"
+      # A small cache is enough: the layout per token does not depend on length.
+      cache = sharding.place_cache(config, mesh, batch=1, max_len=8, dtype=cache_dtype)
+      elements = sum(sharding.per_device_cache_elements(cache).values())
+      row.per_device_elements_per_token = elements
+      row.per_device_dh = elements / head_unit(config)
+      row.per_device_bytes_total = elements * itemsize * config.num_layers * batch * context
+      out.append(row)
+  return out
+
+
+def _fmt_bytes(n: int | None) -> str:
+  if n is None:
+    return "-"
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def table(report: Sequence[Row], *, batch: int, context: int, layers: int) -> str:
+  tps = sorted({r.tp for r in report})
+  variants = list(dict.fromkeys(r.variant for r in report))
+  by = {(r.variant, r.tp): r for r in report}
+  w = max(len("variant"), *(len(v) for v in variants)) + 1
+  head = (f"{'variant':<{w}} {'params':>15} {'cache/tok/layer':>15} {'cache (all)':>12} "
+          + " ".join(f"{'TP' + str(t) + ' d_h':>9}" for t in tps)
+          + " " + " ".join(f"{'TP' + str(t) + '/dev':>10}" for t in tps))
+  lines = [f"KV cache: batch {batch}, context {context}, {layers} layers; per device measured "
+           "on the placed arrays (d_h units per token per layer, and bytes for the whole model)",
+           head, "-" * len(head)]
+  notes = []
+  for v in variants:
+    first = by[(v, tps[0])]
+    cells = []
+    for t in tps:
+      r = by[(v, t)]
+      cells.append(f"{r.per_device_dh:>9.4g}" if r.per_device_dh is not None else f"{'n/a':>9}")
+      if r.note:
+        notes.append(f"{v} at TP {t}: {r.note}")
+    bytes_cells = [f"{_fmt_bytes(by[(v, t)].per_device_bytes_total):>10}" for t in tps]
+    lines.append(f"{v:<{w}} {first.params:>15,} {first.cache_elements_per_token:>15,} "
+                 f"{_fmt_bytes(first.cache_bytes_total):>12} " + " ".join(cells) + " " + " ".join(bytes_cells))
+  if notes:
+    lines += ["", "n/a:"] + [f"  {n}" for n in notes]
+  return "\n".join(lines)
+
+
+def write_csv(report: Sequence[Row], path: str) -> None:
+  fields = [f.name for f in dataclasses.fields(Row)]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for r in report:
+      writer.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items()})
+
+
+def plot(report: Sequence[Row], path: str, *, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tps = sorted({r.tp for r in report})
+  variants = list(dict.fromkeys(r.variant for r in report))
+  by = {(r.variant, r.tp): r for r in report}
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1, 2]})
+  whole = [by[(v, tps[0])].cache_elements_per_token for v in variants]
+  ax0.bar(range(len(variants)), whole, color="tab:gray")
+  ax0.set_xticks(range(len(variants)), variants, rotation=45, ha="right")
+  ax0.set_ylabel("elements per token per layer")
+  ax0.set_yscale("log")
+  ax0.set_title("whole cache")
+  for i, w in enumerate(whole):
+    ax0.text(i, w, f"{w}", ha="center", va="bottom", fontsize=7)
+  width = 0.8 / len(tps)
+  for j, t in enumerate(tps):
+    xs, ys = [], []
+    for i, v in enumerate(variants):
+      r = by[(v, t)]
+      x = i + (j - (len(tps) - 1) / 2) * width
+      if r.per_device_dh is None:
+        ax1.text(x, 1.05, "x", ha="center", va="bottom", color="tab:red", fontsize=9)
+      else:
+        xs.append(x)
+        ys.append(r.per_device_dh)
+        ax1.text(x, r.per_device_dh, f"{r.per_device_dh:.3g}", ha="center", va="bottom",
+                 fontsize=6, rotation=90)
+    ax1.bar(xs, ys, width=width, label=f"TP {t}")
+  ax1.set_yscale("log")
+  top = max((r.per_device_dh for r in report if r.per_device_dh is not None), default=1.0)
+  ax1.set_ylim(1.0, top * 2.0)
+  ax1.set_xticks(range(len(variants)), variants, rotation=45, ha="right")
+  ax1.set_ylabel("per device, units of d_h per token per layer")
+  ax1.set_title("per device (measured on placed arrays; x = no layout at that TP)")
+  ax1.legend(ncols=len(tps), fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(report: Sequence[Row], output_dir: str, *, name: str = "kv_report", batch: int,
+          context: int, layers: int, title: str = "") -> dict[str, str]:
+  os.makedirs(output_dir, exist_ok=True)
+  paths = {"csv": os.path.join(output_dir, f"{name}.csv"), "png": os.path.join(output_dir, f"{name}.png")}
+  write_csv(report, paths["csv"])
+  plot(report, paths["png"], title=title)
+  print(table(report, batch=batch, context=context, layers=layers))
+  print(f"\nwrote {paths['csv']} and {paths['png']}")
+  return paths
+
+
+def check_devices(tps: Sequence[int]) -> None:
+  have = len(jax.devices("cpu"))
+  if max(tps) > have:
+    raise ValueError(f"TP {max(tps)} needs {max(tps)} CPU devices, {have} available: set "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={max(tps)} before JAX starts")
+

@@ -1,0 +1,98 @@
+"""The KV report: per-device cache at each TP degree, measured on placed arrays,
+against the MLRA paper's figures and the layouts' own arithmetic."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mla_jax import cache_report, presets
+
+TPS = (1, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def paper_report():
+  configs = {v: presets.mlra_paper(v) for v in presets.PAPER_VARIANTS}
+  return {(r.variant, r.tp): r for r in cache_report.rows(configs, tps=TPS, batch=1, context=2048)}
+
+
+# Per device, units of d_h = 128, per token per layer.
+EXPECTED = {
+    "mla": (4.5, 4.5, 4.5, 4.5),        # the paper: MLA cannot split its latent
+    "mlra4": (4.5, 2.5, 1.5, 1.5),      # the paper: one block + rope key at TP 4 and 8
+    "gla2": (4.5, 2.5, 2.5, 2.5),       # two latent heads: no gain past TP 2
+    "gla4": (4.5, 2.5, 1.5, 1.5),
+    "mlra2": (4.5, 2.5, 1.5, 1.5),
+    "mha": (48, 24, 12, 6),             # 2 * 24 heads * 128 / TP
+    "mqa": (2, 2, 2, 2),                # one K and one V head, replicated
+    "mfa": (4, 4, 4, 4),                # one K and one V head of 256, replicated
+    "tpa": tuple((2 + 2) * (24 / t + 128) / 128 for t in TPS),   # A factors split, B replicated
+    "gqa": (12, 6, None, None),         # 6 KV heads: no layout on 4 or 8 devices
+    "gta": (6.5, 3.5, None, None),      # 6 tied states + one 64-wide rope key
+}
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_per_device_cache_in_dh_units(paper_report, variant):
+  for tp, want in zip(TPS, EXPECTED[variant]):
+    row = paper_report[(variant, tp)]
+    if want is None:
+      assert row.per_device_dh is None and row.per_device_bytes_total is None
+      assert "6 KV heads cannot be laid out on tensor:" in row.note
+      assert "TP degrees that work for this model" in row.note
+    else:
+      assert row.per_device_dh == pytest.approx(want), (variant, tp)
+      assert row.note == ""
+
+
+def test_whole_cache_figures(paper_report):
+  mla = paper_report[("mla", 1)]
+  assert mla.cache_elements_per_token == 576
+  assert mla.cache_bytes_per_token == 576 * 2                     # bf16 default
+  assert mla.cache_bytes_total == 576 * 2 * 24 * 1 * 2048
+  mlra4 = paper_report[("mlra4", 4)]
+  assert mlra4.per_device_bytes_total == 192 * 2 * 24 * 2048
+  assert mlra4.mesh == "4x1" and paper_report[("mlra4", 8)].mesh == "4x2"
+
+
+def test_csv_and_plot(paper_report, tmp_path):
+  rows = list(paper_report.values())
+  paths = cache_report.write(rows, str(tmp_path), batch=1, context=2048, layers=24)
+  with open(paths["csv"]) as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == len(EXPECTED) * len(TPS)
+  assert {(r["variant"], int(r["tp"])) for r in table} == set(paper_report)
+  gqa4 = next(r for r in table if r["variant"] == "gqa" and r["tp"] == "4")
+  assert gqa4["per_device_dh"] == "" and "cannot be laid out" in gqa4["note"]
+  with open(paths["png"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)    # the runner must set its own device count
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], capture_output=True,
+                        text=True, env=env, timeout=300)
+
+
+def test_kv_report_command(tmp_path):
+  out = _run("--mode=kv_report", "--family=flags", "--variants=mha,mla,mlra4", "--tps=1,2,4",
+             "--d_model=64", "--num_heads=4", "--head_dim=16", "--kv_lora_rank=32",
+             "--rope_head_dim=8", "--q_lora_rank=32", "--mlp_dim=128", f"--output_dir={tmp_path}")
+  assert out.returncode == 0, out.stderr
+  assert "mlra4" in out.stdout
+  assert os.path.exists(tmp_path / "kv_report_flags.csv")
+  assert os.path.exists(tmp_path / "kv_report_flags.png")
+
+
+@pytest.mark.parametrize("args,msg", [(["--tps=0,2"], "--tps must list degrees >= 1"),
+                                      (["--variants=mha,nope"], "unknown variant 'nope'"),
+                                      (["--mode=kv_report", "--family=flags", "--num_heads=3"],
+                                       "num_heads=3 is not divisible by num_kv_heads=2")])
+def test_kv_report_bad_flags(args, msg, tmp_path):
+  out = _run("--mode=kv_report", f"--output_dir={tmp_path}", *args)
+  assert out.returncode == 2
+  assert msg in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
