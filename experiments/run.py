@@ -1,38 +1,43 @@
-"""The experiment runner.
-
-    python -m experiments.run --flagfile=experiments/configs/quickstart.flags
-    python -m experiments.run --flagfile=experiments/configs/kv_report_paper.flags
-    python -m experiments.run --mode=params
+"""The experiment runner: `python -m experiments.run --flagfile=experiments/configs/X.flags`.
 
 Modes:
-  generate   build a model (randomly initialised until the training runner lands)
-             and continue a prompt under one jit: prefill + lax decode loop.
-  kv_report  for every variant of a model family: parameters, cache per token,
-             and the per-device cache at each TP degree measured on arrays
-             placed on a simulated mesh. Table, CSV and bar chart.
-  params     parameter counts and cache sizes of every named preset.
+  train        build (or reuse) the dataset and tokenizer, train, evaluate, save
+               checkpoints; rerunning the same command resumes.
+  eval         validation loss / perplexity, cache size and a sample story from
+               the latest checkpoint of --output_dir.
+  generate     continue --prompt with the model in --output_dir (one jit: prefill
+               + lax decode loop).
+  bench_train  median train-step time and tokens/s after warm-up.
+  kv_report    for every variant of a model family: parameters, cache per token,
+               and the per-device cache at each TP degree measured on arrays
+               placed on a simulated mesh. Table, CSV and bar chart.
+  params       parameter counts and cache sizes of every named preset.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 
-MODES = ("generate", "kv_report", "params")
+MODES = ("train", "eval", "generate", "bench_train", "kv_report", "params")
 ALL_VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa")
 
-flags.DEFINE_enum("mode", "generate", MODES, "What to run.")
+# ---- what to run
+flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_string("output_dir", "runs/default", "The run directory (checkpoints, metrics, plots), "
+                    "or where reports go.")
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:1,tensor:4 (empty: one device).")
+flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, sampling).")
+
+# ---- model
 flags.DEFINE_string("preset", None, "A named model config (python -m mla_jax.presets lists them); "
                     "overrides the model flags below.")
-flags.DEFINE_enum("family", "flags", ["flags", "paper", "study"],
-                  "kv_report: which models to compare. paper/study: the presets of the MLRA paper "
-                  "or the small-model study; flags: every --variants entry built from the model flags.")
-flags.DEFINE_list("variants", list(ALL_VARIANTS), "kv_report with --family=flags: the variants.")
 flags.DEFINE_enum("flavour", "llama", ["llama", "gpt2"], "Transformer flavour.")
 flags.DEFINE_string("variant", "mla", f"Attention variant ({', '.join(ALL_VARIANTS)}).")
-flags.DEFINE_integer("vocab_size", 256, "Vocabulary size (bytes until the tokenizer lands).")
+flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size (the trained tokenizer's size too).")
 flags.DEFINE_integer("d_model", 128, "Model width.")
 flags.DEFINE_integer("num_layers", 2, "Layers.")
 flags.DEFINE_integer("mlp_dim", 344, "MLP width.")
@@ -42,24 +47,67 @@ flags.DEFINE_integer("num_kv_heads", 2, "KV heads (gqa, gta).")
 flags.DEFINE_integer("q_lora_rank", 64, "Query latent width (latent family; 0 = full rank).")
 flags.DEFINE_integer("kv_lora_rank", 64, "KV latent width d_c (latent family).")
 flags.DEFINE_integer("rope_head_dim", 16, "Decoupled RoPE width d_r (latent family; 0 = none).")
+flags.DEFINE_bool("latent_scales", True, "The MLRA code base's q/kv variance scales (latent family).")
+flags.DEFINE_bool("gated", False, "Output gate sigmoid(x W_g) (gqa and the latent family).")
 flags.DEFINE_integer("tpa_q_rank", 6, "TPA query rank R_Q.")
 flags.DEFINE_integer("tpa_kv_rank", 2, "TPA key and value rank R_K = R_V.")
 flags.DEFINE_integer("mfa_head_dim", None, "MFA head width C (default 2 * head_dim).")
-flags.DEFINE_integer("mfa_q_rank", None, "MFA query latent width C_q (default d_model / 2... "
-                     "or q_lora_rank when set).")
-flags.DEFINE_integer("max_seq_len", 512, "Longest sequence (the GPT-2 position table).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("prompt", "Once upon a time", "Prompt for generate.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+flags.DEFINE_integer("mfa_q_rank", None, "MFA query latent width C_q (default q_lora_rank, or d_model / 2).")
+flags.DEFINE_integer("max_seq_len", 2048, "Longest sequence (the GPT-2 position table).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay fp32).")
+
+# ---- data
+flags.DEFINE_enum("data", "synthetic_stories", ["synthetic_stories", "tinystories"], "Dataset.")
+flags.DEFINE_string("data_dir", "~/.cache/mla_jax", "Where datasets and tokenizers are built and cached.")
+flags.DEFINE_integer("num_train_stories", 100_000, "synthetic_stories: training stories.")
+flags.DEFINE_integer("num_valid_stories", 2_000, "synthetic_stories: validation stories.")
+flags.DEFINE_integer("data_seed", 0, "synthetic_stories: generator seed.")
+flags.DEFINE_string("tinystories_train", "", "tinystories: TinyStoriesV2 .txt, JSON shards, a folder or a glob.")
+flags.DEFINE_string("tinystories_valid", "", "tinystories: validation file(s); empty holds out 1% of train.")
+flags.DEFINE_string("tokenizer", "", "A SentencePiece .model or a Hugging Face tokenizer.json; "
+                    "empty trains a SentencePiece model of --vocab_size on the training split.")
+flags.DEFINE_integer("tokenizer_docs", 20_000, "Training documents used to fit the tokenizer.")
+
+# ---- training
+flags.DEFINE_integer("steps", 1000, "Training steps.")
+flags.DEFINE_integer("batch_size", 16, "Global batch size in sequences.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per training sequence.")
+flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps.")
+flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decay floor, as a fraction of the peak.")
+flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
+flags.DEFINE_float("beta1", 0.9, "AdamW beta1.")
+flags.DEFINE_float("beta2", 0.95, "AdamW beta2.")
+flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clipping (0 = off).")
+flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (gradient accumulation).")
+flags.DEFINE_integer("log_every", 10, "Steps between tokens/s measurements on the progress bar.")
+flags.DEFINE_integer("eval_every", 200, "Steps between validation passes.")
+flags.DEFINE_integer("eval_batches", 8, "Validation batches per pass (the same ones every time).")
+flags.DEFINE_integer("eval_batch_size", 16, "Validation batch size.")
+flags.DEFINE_integer("ckpt_every", 200, "Steps between checkpoints (one is always written at the end).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_bool("async_checkpoints", True, "Save checkpoints in the background.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_integer("bench_warmup", 3, "bench_train: untimed steps.")
+flags.DEFINE_integer("bench_steps", 10, "bench_train: timed steps.")
+
+# ---- generation
+flags.DEFINE_string("prompt", "Once upon a time", "Prompt for generate and for the samples.")
+flags.DEFINE_integer("max_new_tokens", 120, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("top_k", 40, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 0.95, "Top-p filter (1 = off).")
 flags.DEFINE_enum("decode_impl", "absorbed", ["naive", "absorbed"], "Decode path of the latent family.")
 flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16"], "KV-cache dtype.")
+
+# ---- reports
+flags.DEFINE_enum("family", "flags", ["flags", "paper", "study"],
+                  "kv_report: which models to compare. paper/study: the presets of the MLRA paper "
+                  "or the small-model study; flags: every --variants entry built from the model flags.")
+flags.DEFINE_list("variants", list(ALL_VARIANTS), "kv_report with --family=flags: the variants.")
 flags.DEFINE_list("tps", ["1", "2", "4", "8"], "kv_report: tensor-parallel degrees.")
 flags.DEFINE_integer("batch", 1, "kv_report: batch size for the whole-cache figures.")
 flags.DEFINE_integer("context", 2048, "kv_report: context length for the whole-cache figures.")
-flags.DEFINE_string("output_dir", "runs", "Where reports, CSVs and plots go.")
 
 FLAGS = flags.FLAGS
 
@@ -68,10 +116,12 @@ def model_config_from_flags(variant: str | None = None):
   """A ModelConfig from the model flags (or --preset), for `variant` (default --variant)."""
   from mla_jax import ModelConfig, attention_config, presets
   if FLAGS.preset and variant is None:
-    return presets.get(FLAGS.preset)
+    return presets.get(FLAGS.preset).replace(dtype=FLAGS.dtype)
   v = variant or FLAGS.variant
+  if v not in ALL_VARIANTS:
+    raise ValueError(f"unknown --variant={v!r}; choose one of {', '.join(ALL_VARIANTS)}")
   if v in ("mha", "mqa", "gqa"):
-    kw = dict(head_dim=FLAGS.head_dim, rope=FLAGS.flavour == "llama")
+    kw = dict(head_dim=FLAGS.head_dim, rope=FLAGS.flavour == "llama", gated=FLAGS.gated)
     if v == "gqa":
       kw["num_kv_heads"] = FLAGS.num_kv_heads
   elif v == "gta":
@@ -84,15 +134,34 @@ def model_config_from_flags(variant: str | None = None):
               q_lora_rank=FLAGS.mfa_q_rank or FLAGS.q_lora_rank or FLAGS.d_model // 2)
   else:
     kw = dict(q_lora_rank=FLAGS.q_lora_rank, kv_lora_rank=FLAGS.kv_lora_rank,
-              qk_nope_head_dim=FLAGS.head_dim, qk_rope_head_dim=FLAGS.rope_head_dim)
+              qk_nope_head_dim=FLAGS.head_dim, qk_rope_head_dim=FLAGS.rope_head_dim,
+              scales=FLAGS.latent_scales, gated=FLAGS.gated)
   attention = attention_config(v, num_heads=FLAGS.num_heads, **kw)
   return ModelConfig(flavour=FLAGS.flavour, vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model,
-                     num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim,
-                     max_seq_len=FLAGS.max_seq_len, attention=attention)
+                     num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim, max_seq_len=FLAGS.max_seq_len,
+                     dtype=FLAGS.dtype, attention=attention)
+
+
+def train_config_from_flags():
+  from mla_jax.train import TrainConfig
+  return TrainConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                     learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                     min_lr_ratio=FLAGS.min_lr_ratio, weight_decay=FLAGS.weight_decay,
+                     b1=FLAGS.beta1, b2=FLAGS.beta2, grad_clip=FLAGS.grad_clip,
+                     grad_accum=FLAGS.grad_accum, seed=FLAGS.seed)
+
+
+def data_spec_from_flags():
+  from experiments.trainer import DataSpec
+  return DataSpec(kind=FLAGS.data, data_dir=FLAGS.data_dir, num_train=FLAGS.num_train_stories,
+                  num_validation=FLAGS.num_valid_stories, seed=FLAGS.data_seed,
+                  tinystories_train=FLAGS.tinystories_train, tinystories_valid=FLAGS.tinystories_valid,
+                  tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
+                  tokenizer_docs=FLAGS.tokenizer_docs)
 
 
 def family_configs() -> dict:
-  """name -> ModelConfig for every variant the report compares."""
+  """name -> ModelConfig for every variant the KV report compares."""
   from mla_jax import presets
   if FLAGS.family == "paper":
     return {v: presets.mlra_paper(v) for v in presets.PAPER_VARIANTS}
@@ -105,41 +174,85 @@ def family_configs() -> dict:
   return {v: model_config_from_flags(v) for v in FLAGS.variants}
 
 
-def run_generate(config) -> None:
+def _sampling():
+  from mla_jax.generate import Sampling
+  return Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def run_train() -> None:
+  from experiments import trainer
+  from mla_jax import count_params
+  config, tc = model_config_from_flags(), train_config_from_flags()
+  loop = trainer.LoopSpec(output_dir=FLAGS.output_dir, mesh=FLAGS.mesh, log_every=FLAGS.log_every,
+                          eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
+                          eval_batch_size=FLAGS.eval_batch_size, ckpt_every=FLAGS.ckpt_every,
+                          keep_checkpoints=FLAGS.keep_checkpoints,
+                          async_checkpoints=FLAGS.async_checkpoints, prompt=FLAGS.prompt,
+                          sample_tokens=FLAGS.max_new_tokens, progress=FLAGS.progress)
+  counts = count_params(config)
+  print(f"model: {config.flavour} / {config.attention.variant}, {counts['total']:,} parameters "
+        f"({counts['non_embedding']:,} non-embedding), {config.cache_elements_per_token()} cached "
+        f"elements per token per layer; {tc.steps} steps of {tc.batch_size} x {tc.seq_len} tokens")
+  summary = trainer.train(config, tc, data_spec_from_flags(), loop)
+  if summary.get("resumed_from") is not None:
+    print(f"resumed from step {summary['resumed_from']}")
+  if "eval" in summary:
+    print(f"validation loss {summary['eval']['loss']:.4f}, perplexity {summary['eval']['perplexity']:.2f}")
+  print(f"sample: {summary['sample']}")
+  print(f"loss curve: {summary['loss_curve']}")
+
+
+def run_eval() -> None:
+  from experiments import trainer
+  out = trainer.run_eval(FLAGS.output_dir, data_spec_from_flags(), mesh=FLAGS.mesh,
+                         eval_batches=FLAGS.eval_batches, eval_batch_size=FLAGS.eval_batch_size,
+                         prompt=FLAGS.prompt, sample_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed)
+  sample = out.pop("sample")
+  print(json.dumps(out, indent=2))
+  print(f"sample: {sample}")
+
+
+def run_generate() -> None:
   import jax.numpy as jnp
+  from experiments import trainer
+  from mla_jax.generate import generate
   import numpy as np
-  from flax import nnx
-
-  from mla_jax import Transformer, count_params
-  from mla_jax.generate import Sampling, generate
-
-  if config.vocab_size < 256:
-    raise ValueError(f"generate encodes the prompt as bytes until the tokenizer lands: "
-                     f"needs vocab_size >= 256, got {config.vocab_size}")
-  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  prompt = np.frombuffer(FLAGS.prompt.encode("utf-8"), np.uint8).astype(np.int32)[None]
-  print(f"model: {config.flavour}, {config.attention.variant}, "
-        f"{count_params(config)['total']:,} parameters (randomly initialised), "
-        f"{config.cache_elements_per_token()} cached elements per token per layer")
-  model = Transformer(config, rngs=nnx.Rngs(FLAGS.seed))
-  kwargs = dict(max_new_tokens=FLAGS.max_new_tokens, rng=FLAGS.seed, sampling=sampling,
+  config, model, tokenizer, meta, _ = trainer.load_run(FLAGS.output_dir, FLAGS.mesh)
+  ids = tokenizer.encode(FLAGS.prompt)
+  if not ids:
+    raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+  kwargs = dict(max_new_tokens=FLAGS.max_new_tokens, rng=FLAGS.seed, sampling=_sampling(),
+                stop_token=tokenizer.eos_id, pad_token=tokenizer.eos_id,
                 decode_impl=FLAGS.decode_impl, cache_dtype=jnp.dtype(FLAGS.cache_dtype))
   start = time.perf_counter()
-  generate(model, prompt, [prompt.shape[1]], **kwargs)      # compile
-  compiled = time.perf_counter()
-  out = generate(model, prompt, [prompt.shape[1]], **kwargs)
-  done = time.perf_counter()
-  text = bytes(int(t) % 256 for t in out.tokens[0, :out.lengths[0]]).decode("utf-8", "replace")
-  print(f"prompt: {FLAGS.prompt!r}")
-  print(f"continuation ({out.lengths[0]} tokens, random weights): {text!r}")
-  print(f"compile {compiled - start:.1f}s; generation {1e3 * (done - compiled) / out.lengths[0]:.2f} "
-        f"ms/token ({FLAGS.decode_impl} decode, {FLAGS.cache_dtype} cache)")
+  out = generate(model, np.asarray([ids]), [len(ids)], **kwargs)
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  out = generate(model, np.asarray([ids]), [len(ids)], **kwargs)
+  again = time.perf_counter() - start
+  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) != tokenizer.eos_id]
+  print(f"model: step {meta['step']} of {FLAGS.output_dir} ({config.attention.variant})")
+  print(FLAGS.prompt + tokenizer.decode(new))
+  print(f"({out.lengths[0]} tokens; first call with compile {first:.1f}s, then "
+        f"{1e3 * again / out.lengths[0]:.2f} ms/token, {FLAGS.decode_impl} decode)")
 
 
-def run_kv_report(configs, tps) -> None:
+def run_bench_train() -> None:
+  from experiments import trainer
+  config, tc = model_config_from_flags(), train_config_from_flags()
+  out = trainer.bench_train(config, tc, mesh=FLAGS.mesh, warmup=FLAGS.bench_warmup, steps=FLAGS.bench_steps)
+  print(f"{config.attention.variant}: median step {1e3 * out['median_step_s']:.1f} ms, "
+        f"{out['tokens_per_s']:,.0f} tokens/s ({tc.batch_size} x {tc.seq_len}, {out['steps_timed']} "
+        f"timed steps after {FLAGS.bench_warmup} warm-up)")
+
+
+def run_kv_report(tps) -> None:
   import jax.numpy as jnp
-
   from mla_jax import cache_report
+  configs = family_configs()
   cache_report.check_devices(tps)
   first = next(iter(configs.values()))
   report = cache_report.rows(configs, tps=tps, batch=FLAGS.batch, context=FLAGS.context,
@@ -175,13 +288,28 @@ def main(argv):
       if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(tps)}").strip()
-      run_kv_report(family_configs(), tps)
-    else:
-      run_generate(model_config_from_flags())
-  except ValueError as e:
+      run_kv_report(tps)
+    elif FLAGS.mode == "train":
+      run_train()
+    elif FLAGS.mode == "eval":
+      run_eval()
+    elif FLAGS.mode == "generate":
+      run_generate()
+    elif FLAGS.mode == "bench_train":
+      run_bench_train()
+  except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad flag is one line on stderr and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}; see --helpshort for the flags", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

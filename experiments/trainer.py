@@ -1,0 +1,396 @@
+"""The training, evaluation and benchmarking loops behind `experiments.run`.
+
+A run directory holds everything a run writes:
+    checkpoints/       orbax steps: train state, data-iterator state, configs
+    metrics.jsonl      one line per train step (loss, grad norm, lr, tokens/s) and per eval
+    tb/                TensorBoard event files
+    loss_curve.png     written when the run ends
+Rerunning the same command resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mla_jax import sharding
+from mla_jax import train as T
+from mla_jax.config import ModelConfig
+from mla_jax.data import builders, pipeline
+from mla_jax.data import tokenizer as tok
+from mla_jax.generate import Sampling, generate
+
+
+class RunError(ValueError):
+  """A problem with the user's input, reported as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  kind: str = "synthetic_stories"     # or "tinystories"
+  data_dir: str = "~/.cache/mla_jax"
+  num_train: int = 100_000
+  num_validation: int = 2_000
+  seed: int = 0
+  tinystories_train: str = ""
+  tinystories_valid: str = ""
+  tokenizer: str = ""                 # a file, or "" to train SentencePiece
+  vocab_size: int = 4096
+  tokenizer_docs: int = 20_000        # training stories read to fit the tokenizer
+
+  @property
+  def root(self) -> str:
+    return os.path.abspath(os.path.expanduser(self.data_dir))
+
+
+@dataclasses.dataclass
+class Data:
+  sources: dict
+  tokenizer: Any
+  key: str
+
+
+def prepare_data(spec: DataSpec) -> Data:
+  """Build (or reuse) the dataset and the tokenizer under `spec.data_dir`."""
+  if spec.kind == "synthetic_stories":
+    builder = builders.synthetic_builder(spec.root, spec.num_train, spec.num_validation, spec.seed)
+  elif spec.kind == "tinystories":
+    if not spec.tinystories_train:
+      raise RunError("--data=tinystories needs --tinystories_train=PATH (TinyStoriesV2 text or the JSON shards)")
+    builder = builders.tinystories_builder(spec.root, spec.tinystories_train, spec.tinystories_valid or None)
+  else:
+    raise RunError(f"unknown --data={spec.kind!r}; choose synthetic_stories or tinystories")
+  reused = builders.is_prepared(builder)
+  t0 = time.perf_counter()
+  sources = builders.prepare(builder)
+  key = f"{builder.name}/{builder.builder_config.name}"
+  log(f"data: {'reused' if reused else 'built'} {key} ({len(sources['train']):,} train / "
+      f"{len(sources['validation']):,} validation documents) at {builder.data_dir}"
+      + ("" if reused else f" in {time.perf_counter() - t0:.1f}s"))
+  if spec.tokenizer:
+    tokenizer = tok.load(spec.tokenizer)
+    log(f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens)")
+  else:
+    train = sources["train"]
+    n = min(len(train), spec.tokenizer_docs)
+    texts = lambda: (builders.text_of(train[i]) for i in range(n))  # noqa: E731
+    t0 = time.perf_counter()
+    path = tok.sentencepiece_path(spec.root, key, spec.vocab_size)
+    existed = os.path.exists(path)
+    tokenizer = tok.cached_sentencepiece(texts, spec.root, key, spec.vocab_size)
+    log(f"tokenizer: {'reused' if existed else 'trained'} SentencePiece, {tokenizer.vocab_size} tokens, "
+        f"at {path}" + ("" if existed else f" in {time.perf_counter() - t0:.1f}s"))
+  return Data(sources, tokenizer, key)
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class Metrics:
+  """metrics.jsonl plus TensorBoard. On resume, lines past the restored step are
+  dropped, so the file reads as if the run had never stopped."""
+
+  def __init__(self, run_dir: str, resume_step: int):
+    self.path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    self._file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      self._tb = None
+
+  def write(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def loss_curve_png(run_dir: str, title: str = "") -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  records = read_metrics(run_dir)
+  train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+  evals = [(r["step"], r["loss"]) for r in records if r.get("kind") == "eval"]
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  if train:
+    steps, losses = zip(*train)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
+    ema, out = None, []
+    for x in losses:
+      ema = x if ema is None else 0.95 * ema + 0.05 * x
+      out.append(ema)
+    ax.plot(steps, out, color="tab:blue", lw=1.6, label="train (EMA 0.95)")
+  if evals:
+    steps, losses = zip(*evals)
+    ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats / token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(run_dir, "loss_curve.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def global_batch(tokens: np.ndarray, mesh) -> jax.Array:
+  """This process's rows -> one global array sharded over the batch axes."""
+  spec = sharding.named_sharding(mesh, ("batch", "length"), strict=False)
+  return jax.make_array_from_process_local_data(spec, tokens)
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+  total = count = 0.0
+  for tokens in batches:
+    s, n = eval_step(params, global_batch(tokens, mesh))
+    total += float(s)
+    count += float(n)
+  loss = total / count
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int = 0,
+           sampling: Sampling = Sampling(temperature=0.8, top_k=40, top_p=0.95)) -> str:
+  ids = tokenizer.encode(prompt)
+  if not ids:
+    raise RunError("the prompt encodes to no tokens; give a non-empty --prompt")
+  if model.config.flavour == "gpt2":
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
+  out = generate(model, np.asarray([ids]), [len(ids)], max_new_tokens=max_new_tokens, rng=seed,
+                 sampling=sampling, stop_token=tokenizer.eos_id, pad_token=tokenizer.eos_id)
+  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) != tokenizer.eos_id]
+  return prompt + tokenizer.decode(new)
+
+
+def _meta(config: ModelConfig, tc: T.TrainConfig, data: Data, step: int) -> dict:
+  return {"model_config": config.to_dict(), "train_config": dataclasses.asdict(tc),
+          "tokenizer": getattr(data.tokenizer, "path", ""), "tokenizer_name": data.tokenizer.name,
+          "data": data.key, "step": step}
+
+
+def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
+  """The step to resume from, after checking the saved model matches this one."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  saved = ckpt.read_meta(step)["model_config"]
+  diff = T.config_mismatch(saved, config.to_dict())
+  if diff:
+    raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
+                   "pass matching model flags to resume it, or a new --output_dir")
+  return step
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  output_dir: str
+  mesh: str = ""
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  eval_batch_size: int = 16
+  ckpt_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  prompt: str = "Once upon a time"
+  sample_tokens: int = 120
+  progress: bool = True
+
+
+def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: LoopSpec) -> dict:
+  """Train (resuming when the run directory has checkpoints). Returns a summary."""
+  os.makedirs(loop.output_dir, exist_ok=True)
+  ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
+                       async_save=loop.async_checkpoints)
+  resume = check_run_dir(ckpt, config)               # before any data build or compile
+  mesh = sharding.make_mesh(loop.mesh, config)
+  processes, rank = jax.process_count(), jax.process_index()
+  if tc.batch_size % processes:
+    raise RunError(f"--batch_size={tc.batch_size} does not split over {processes} processes")
+  data_ways = sharding.axis_sizes(mesh)["data"] * sharding.axis_sizes(mesh)["fsdp"]
+  if tc.batch_size % data_ways:
+    raise RunError(f"--batch_size={tc.batch_size} does not split over the mesh's "
+                   f"{data_ways} data x fsdp devices")
+  if config.flavour == "gpt2" and tc.seq_len > config.max_seq_len:
+    raise RunError(f"--seq_len={tc.seq_len} exceeds max_seq_len={config.max_seq_len}")
+  data = prepare_data(data_spec)
+  if data.tokenizer.vocab_size != config.vocab_size:
+    raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model "
+                   f"vocab_size is {config.vocab_size}; make them equal")
+
+  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  local_batch = tc.batch_size // processes
+  dataset = pipeline.packed_batches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
+                                    batch_size=local_batch, seed=tc.seed, process_index=rank,
+                                    process_count=processes)
+  iterator = iter(dataset)
+  start = 0
+  if resume is not None:
+    abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    state, data_state, _ = ckpt.restore(abstract, resume)
+    iterator.set_state(data_state["iterator"])
+    start = resume
+  eval_batches = pipeline.fixed_batches(
+      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
+      batch_size=loop.eval_batch_size // processes, num_batches=loop.eval_batches,
+      process_index=rank, process_count=processes)
+  step_fn = T.make_train_step(graphdef, tc, shardings, mesh)
+  eval_fn = T.make_eval_step(graphdef, mesh)
+  metrics = Metrics(loop.output_dir, start)
+  last_good = resume
+
+  from tqdm import tqdm
+  bar = tqdm(total=tc.steps, initial=start, disable=not loop.progress or rank != 0,
+             desc=f"{config.attention.variant}", unit="step", dynamic_ncols=True, file=sys.stderr)
+  tokens_per_step = tc.tokens_per_step
+  t_last, s_last = time.perf_counter(), start
+  summary: dict = {"resumed_from": resume}
+  try:
+    for step in range(start + 1, tc.steps + 1):
+      tokens = next(iterator)["tokens"]
+      state, m = step_fn(state, global_batch(tokens, mesh))
+      loss, param_norm = float(m["loss"]), float(m["param_norm"])
+      if not (math.isfinite(loss) and math.isfinite(param_norm)):
+        ckpt.wait()
+        where = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}"
+                 if last_good is not None else "no checkpoint had been saved yet")
+        what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became non-finite"
+        raise RunError(f"{what} at step {step}; stopped. {where}. Lower --learning_rate or "
+                       "raise --warmup_steps")
+      record = {"kind": "train", "step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                "lr": float(m["lr"])}
+      if step % loop.log_every == 0 or step == tc.steps:
+        now = time.perf_counter()
+        record["tokens_per_s"] = (step - s_last) * tokens_per_step / max(now - t_last, 1e-9)
+        t_last, s_last = now, step
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+      metrics.write(record)
+      bar.update(1)
+      if step % loop.eval_every == 0 or step == tc.steps:
+        ev = evaluate(eval_fn, state["params"], eval_batches, mesh)
+        metrics.write({"kind": "eval", "step": step, **ev})
+        bar.write(f"step {step}: validation loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+        summary["eval"] = ev
+      if step % loop.ckpt_every == 0 or step == tc.steps:
+        ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, tc, data, step))
+        last_good = step
+    ckpt.wait()
+  finally:
+    bar.close()
+    metrics.close()
+  model = T.model_from_state(graphdef, state)
+  summary["sample"] = sample(model, data.tokenizer, loop.prompt, max_new_tokens=loop.sample_tokens,
+                             seed=tc.seed)
+  summary["loss_curve"] = loss_curve_png(loop.output_dir, f"{config.attention.variant}: "
+                                         f"{config.num_layers} layers, d {config.d_model}")
+  summary["cache_elements_per_token"] = config.cache_elements_per_token()
+  summary["steps"] = tc.steps
+  ckpt.close()
+  return summary
+
+
+# ----------------------------------------------------------------------------- eval / load
+
+
+def load_run(run_dir: str, mesh_spec: str = ""):
+  """(config, model, tokenizer, meta) from the latest checkpoint of a run."""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise RunError(f"no checkpoints in {run_dir}: train first (--mode=train --output_dir={run_dir})")
+  ckpt = T.Checkpoints(ckpt_dir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise RunError(f"no finished checkpoint in {ckpt_dir}: train first")
+  meta = ckpt.read_meta(step)
+  config = ModelConfig.from_dict(meta["model_config"])
+  tc = T.TrainConfig(**meta["train_config"])
+  mesh = sharding.make_mesh(mesh_spec, config)
+  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  state, _, _ = ckpt.restore(abstract, step)
+  ckpt.close()
+  if not meta.get("tokenizer") or not os.path.exists(meta["tokenizer"]):
+    raise RunError(f"the run's tokenizer {meta.get('tokenizer')!r} is missing; pass --tokenizer=PATH")
+  return config, T.model_from_state(graphdef, state), tok.load(meta["tokenizer"]), meta, (graphdef, state, mesh)
+
+
+def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
+             prompt: str, sample_tokens: int, seed: int) -> dict:
+  config, model, tokenizer, meta, (graphdef, state, mesh_obj) = load_run(run_dir, mesh)
+  spec = dataclasses.replace(data_spec, tokenizer=meta["tokenizer"])
+  data = prepare_data(spec)
+  tc = T.TrainConfig(**meta["train_config"])
+  batches = pipeline.fixed_batches(data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
+                                   batch_size=eval_batch_size, num_batches=eval_batches)
+  ev = evaluate(T.make_eval_step(graphdef, mesh_obj), state["params"], batches, mesh_obj)
+  return {"step": meta["step"], **ev, "cache_elements_per_token": config.cache_elements_per_token(),
+          "cache_bytes_per_token_all_layers_fp32": 4 * config.cache_elements_per_token() * config.num_layers,
+          "sample": sample(model, tokenizer, prompt, max_new_tokens=sample_tokens, seed=seed)}
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def bench_train(config: ModelConfig, tc: T.TrainConfig, *, mesh: str = "", warmup: int = 3,
+                steps: int = 10) -> dict:
+  """Median train-step time and tokens/s after warm-up, on fixed random tokens."""
+  mesh_obj = sharding.make_mesh(mesh, config)
+  graphdef, state, shardings = T.create_state(config, tc, mesh_obj)
+  step_fn = T.make_train_step(graphdef, tc, shardings, mesh_obj)
+  rng = np.random.default_rng(0)
+  tokens = global_batch(rng.integers(0, config.vocab_size, (tc.batch_size, tc.seq_len + 1)).astype(np.int32),
+                        mesh_obj)
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, m = step_fn(state, tokens)
+    jax.block_until_ready(m["loss"])
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  return {"median_step_s": median, "tokens_per_s": tc.tokens_per_step / median,
+          "steps_timed": steps, "final_loss": float(m["loss"])}
+

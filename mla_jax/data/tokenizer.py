@@ -1,0 +1,124 @@
+"""Tokenizers: a SentencePiece model trained here on the training split (cached),
+or a user's file: a SentencePiece `.model` or a Hugging Face `tokenizer.json`
+(GPT-2's, for example, which converted MLRA checkpoints need).
+
+Everything downstream sees one small interface: `encode`, `decode`,
+`vocab_size`, `eos_id` (the separator packed between documents).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterable, Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  eos_id: int
+  name: str
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+  """pad 0, unk 1, bos 2, eos 3 for models trained here."""
+
+  def __init__(self, path: str):
+    import sentencepiece as spm
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size = int(self._sp.get_piece_size())
+    eos = int(self._sp.eos_id())
+    self.eos_id = eos if eos >= 0 else int(self._sp.piece_to_id("</s>"))
+    self.name = f"sentencepiece:{os.path.basename(path)}"
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer:
+  """A `tokenizer.json` read with the `tokenizers` library (no hub access)."""
+
+  EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer as HFTokenizer
+    self.path = path
+    self._tok = HFTokenizer.from_file(path)
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    eos = next((self._tok.token_to_id(t) for t in self.EOS_CANDIDATES
+                if self._tok.token_to_id(t) is not None), None)
+    if eos is None:
+      raise ValueError(f"{path}: no end-of-text token ({', '.join(self.EOS_CANDIDATES)}) in the "
+                       "vocabulary; documents need one as a separator")
+    self.eos_id = int(eos)
+    self.name = f"huggingface:{os.path.basename(path)}"
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+
+def load(path: str) -> Tokenizer:
+  """A SentencePiece model (`*.model`) or a Hugging Face `tokenizer.json`."""
+  if not os.path.exists(path):
+    raise ValueError(f"tokenizer file {path!r} does not exist; pass a SentencePiece .model or a "
+                     "Hugging Face tokenizer.json, or leave --tokenizer empty to train one")
+  if path.endswith(".json"):
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"tokenizer file {path!r} is not valid JSON ({e}); pass a Hugging Face "
+                       "tokenizer.json or a SentencePiece .model") from None
+    return HuggingFaceTokenizer(path)
+  try:
+    return SentencePieceTokenizer(path)
+  except (RuntimeError, OSError) as e:
+    raise ValueError(f"tokenizer file {path!r} is not a SentencePiece model ({e}); pass a "
+                     "SentencePiece .model or a Hugging Face tokenizer.json") from None
+
+
+def train_sentencepiece(texts: Iterable[str], path: str, vocab_size: int, *,
+                        model_type: str = "bpe") -> SentencePieceTokenizer:
+  """Train a SentencePiece model on `texts` and write it to `path` (atomically)."""
+  import sentencepiece as spm
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+    prefix = os.path.join(tmp, "spm")
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
+          model_type=model_type, character_coverage=1.0, byte_fallback=True,
+          pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=2,
+          # keep newlines and spacing: stories have paragraphs
+          normalization_rule_name="identity", remove_extra_whitespaces=False,
+          split_digits=True, max_sentence_length=1 << 16, minloglevel=2)
+    except RuntimeError as e:
+      msg = str(e).split("] ")[-1]
+      raise ValueError(f"cannot train a {vocab_size}-token SentencePiece model on this text: {msg} "
+                       "Lower --vocab_size (and the model's) or give more training text") from None
+    os.replace(prefix + ".model", path)
+  return SentencePieceTokenizer(path)
+
+
+def sentencepiece_path(cache_dir: str, dataset_key: str, vocab_size: int) -> str:
+  digest = hashlib.sha1(dataset_key.encode()).hexdigest()[:12]
+  return os.path.join(cache_dir, "tokenizers", f"spm_{digest}_{vocab_size}.model")
+
+
+def cached_sentencepiece(texts_fn, cache_dir: str, dataset_key: str, vocab_size: int) -> SentencePieceTokenizer:
+  """Train once per (dataset, vocab size) and reuse: `texts_fn()` yields the training text."""
+  path = sentencepiece_path(cache_dir, dataset_key, vocab_size)
+  if os.path.exists(path):
+    return SentencePieceTokenizer(path)
+  return train_sentencepiece(texts_fn(), path, vocab_size)

@@ -1,0 +1,257 @@
+"""Training: AdamW with warmup + cosine decay, clipping, weight decay, gradient
+accumulation, a jitted and donated train step with shardings, an eval step,
+and orbax checkpoints of (params, optimizer state, step) plus the data
+iterator's state and the configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mla_jax import sharding
+from mla_jax.config import ModelConfig
+from mla_jax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 16             # global, in sequences
+  seq_len: int = 256
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1        # cosine decays to this fraction of the peak
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  grad_accum: int = 1              # micro-batches per step
+  seed: int = 0
+
+  def __post_init__(self):
+    checks = [(self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+              (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+              (self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}"),
+              (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+              (0 <= self.warmup_steps <= self.steps,
+               f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"),
+              (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+              (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+              (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+              (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+              (self.batch_size % self.grad_accum == 0,
+               f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  # Decay matrices only: norm scales and biases keep their values.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+  parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
+                           weight_decay=tc.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def split_model(model: Transformer):
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def init_state(params, tx: optax.GradientTransformation) -> dict:
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(state: dict, mesh) -> dict:
+  """Every leaf of the train state placed by its logical axes (the optimizer's
+  moments inherit their parameter's names; counters are replicated)."""
+  def one(x):
+    if isinstance(x, nnx.State) or isinstance(x, nnx.Variable):
+      return sharding.state_shardings(x, mesh)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
+
+
+def create_state(config: ModelConfig, tc: TrainConfig, mesh) -> tuple[Any, dict, Any]:
+  """(graphdef, train state placed on `mesh`, its shardings). Initialised inside
+  jit with output shardings, so no device ever holds the whole model."""
+  tx = make_optimizer(tc)
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(tc.seed)))
+  graphdef, abstract_params = split_model(abstract)
+  abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
+  shardings = state_shardings(abstract_state, mesh)
+
+  def init():
+    _, params = split_model(Transformer(config, rngs=nnx.Rngs(tc.seed)))
+    return init_state(params, tx)
+
+  with sharding.use_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def make_train_step(graphdef, tc: TrainConfig, shardings, mesh):
+  """jit(state, tokens [B, L+1]) -> (state, metrics); the state is donated."""
+  tx = make_optimizer(tc)
+  schedule = learning_rate_schedule(tc)
+
+  def loss_fn(params, tokens):
+    model = nnx.merge(graphdef, params)
+    return lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+
+  def step(state, tokens):
+    params = state["params"]
+    if tc.grad_accum == 1:
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    else:
+      micro = tokens.reshape((tc.grad_accum, -1) + tokens.shape[1:])
+
+      def body(carry, mb):
+        loss_sum, grad_sum = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+      loss = loss / tc.grad_accum
+      grads = jax.tree.map(lambda g: g / tc.grad_accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    # param_norm lets the loop refuse to checkpoint parameters that went non-finite
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+               "param_norm": optax.tree.norm(new_params)}
+    return new_state, metrics
+
+  batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), strict=False)
+  jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None))
+
+  def run(state, tokens):
+    with sharding.use_mesh(mesh):
+      return jitted(state, tokens)
+
+  return run
+
+
+def make_eval_step(graphdef, mesh):
+  """jit(params, tokens) -> (summed token loss, token count)."""
+
+  def step(params, tokens):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  jitted = jax.jit(step)
+
+  def run(params, tokens):
+    with sharding.use_mesh(mesh):
+      return jitted(params, tokens)
+
+  return run
+
+
+def model_from_state(graphdef, state) -> Transformer:
+  return nnx.merge(graphdef, state["params"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+  """orbax CheckpointManager holding, per step: the train state (params,
+  optimizer state, step), the data iterator's state, and the configs.
+
+  Saves are asynchronous; a save interrupted by a crash leaves only a
+  temporary folder, which orbax ignores, so the previous step stays restorable.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
+    args = self._ocp.args
+    self.manager.save(step, args=args.Composite(
+        state=args.StandardSave(state), data=args.JsonSave(data_state), meta=args.JsonSave(meta)))
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict, dict]:
+    """Restore onto the shardings carried by `abstract_state` (any mesh shape)."""
+    args = self._ocp.args
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=args.Composite(
+        state=args.StandardRestore(abstract_state), data=args.JsonRestore(), meta=args.JsonRestore()))
+    return restored["state"], dict(restored["data"]), dict(restored["meta"])
+
+  def restore_as_saved(self, step: int | None = None) -> dict:
+    """The train state as saved (no target shardings): for inspection and tests."""
+    args = self._ocp.args
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=args.Composite(state=args.StandardRestore()))["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(state_shapes, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      state_shapes, shardings)
+
+
+def config_mismatch(saved: dict, current: dict) -> str | None:
+  """A one-line description of how two model configs differ, or None."""
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      inner = config_mismatch(a, b)
+      if inner:
+        diffs.append(f"{key}.{inner}")
+    elif a != b:
+      diffs.append(f"{key}: saved {json.dumps(a)}, now {json.dumps(b)}")
+  return "; ".join(diffs) if diffs else None

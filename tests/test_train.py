@@ -1,0 +1,251 @@
+"""Training: the step's math, the optimizer, checkpoints across meshes, and the
+runner end to end (resume after SIGKILL, kills during saves, bad input)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from helpers import small_config
+from mla_jax import sharding
+from mla_jax import train as T
+
+
+def _tokens(config, batch=8, seq=12, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+
+
+def _params(state):
+  return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state["params"])}
+
+
+def test_grad_accumulation_matches_one_big_batch():
+  config = small_config("mlra4", vocab=64)
+  mesh = sharding.make_mesh("", config)
+  out = []
+  for accum in (1, 4):
+    tc = T.TrainConfig(steps=10, batch_size=8, seq_len=12, grad_accum=accum, warmup_steps=0)
+    graphdef, state, shardings = T.create_state(config, tc, mesh)
+    step = T.make_train_step(graphdef, tc, shardings, mesh)
+    state, m = step(state, _tokens(config))
+    out.append((float(m["loss"]), _params(state)))
+  assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+  for k in out[0][1]:
+    np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_loss_falls_on_a_repeated_batch():
+  config = small_config("mla", vocab=64)
+  mesh = sharding.make_mesh("", config)
+  tc = T.TrainConfig(steps=30, batch_size=8, seq_len=12, learning_rate=1e-2, warmup_steps=0)
+  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  step = T.make_train_step(graphdef, tc, shardings, mesh)
+  tokens = _tokens(config)
+  losses = []
+  for _ in range(30):
+    state, m = step(state, tokens)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_schedule_and_decay_mask():
+  tc = T.TrainConfig(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+  lr = T.learning_rate_schedule(tc)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(100)) == pytest.approx(0.1)
+  # zero gradients: only weight decay moves parameters, and only matrices decay
+  tx = T.make_optimizer(T.TrainConfig(steps=10, warmup_steps=0, learning_rate=0.1, weight_decay=0.5))
+  params = {"w": jnp.ones((2, 2)), "norm": jnp.ones((2,))}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert np.all(np.asarray(new["w"]) < 1.0) and np.all(np.asarray(new["norm"]) == 1.0)
+
+
+def test_bad_train_configs():
+  with pytest.raises(ValueError, match="batch_size=6 must be divisible by grad_accum=4"):
+    T.TrainConfig(batch_size=6, grad_accum=4)
+  with pytest.raises(ValueError, match="warmup_steps must be in"):
+    T.TrainConfig(steps=10, warmup_steps=20)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  config = small_config("mlra4", vocab=64, num_heads=8)
+  tc = T.TrainConfig(steps=10, batch_size=8, seq_len=12, warmup_steps=0)
+  mesh = sharding.make_mesh("data:2,tensor:2", config)
+  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  state, _ = T.make_train_step(graphdef, tc, shardings, mesh)(state, _tokens(config))
+  ckpt = T.Checkpoints(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(1, state, {"iterator": {"n": 1}}, {"model_config": config.to_dict()})
+  ckpt.close()
+  saved = _params(state)
+  for spec in ("tensor:4", "data:8", "fsdp:2,tensor:4"):
+    mesh2 = sharding.make_mesh(spec, config)
+    _, fresh, shardings2 = T.create_state(config, tc, mesh2)
+    abstract = T.abstract_with_shardings(jax.eval_shape(lambda: fresh), shardings2)
+    restored, data_state, meta = T.Checkpoints(str(tmp_path / "ckpt")).restore(abstract)
+    assert data_state == {"iterator": {"n": 1}} and meta["model_config"] == config.to_dict()
+    got = _params(restored)
+    for k in saved:
+      np.testing.assert_array_equal(got[k], saved[k], err_msg=f"{spec} {k}")
+    w = restored["params"]["layers"][0]["attn"]["w_uk"].get_value()
+    assert w.sharding.mesh.shape == mesh2.shape
+    assert int(restored["step"]) == 1
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+@pytest.fixture(scope="module")
+def story_file(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stories")
+  rng = np.random.default_rng(0)
+  names, things = ["Tom", "Lily", "Sam", "Mia", "Ben"], ["ball", "kite", "cat", "dog", "cake", "box"]
+  with open(root / "train.txt", "w") as f:
+    for _ in range(1500):
+      n, t = rng.choice(names), rng.choice(things)
+      f.write(f"{n} had a {t}. One day the {t} was lost. {n} looked for the {t} and found it.\n"
+              "<|endoftext|>\n")
+  return root
+
+
+def _cmd(story_file, out, *extra):
+  return [sys.executable, "-m", "experiments.run", "--mode=train", "--data=tinystories",
+          f"--tinystories_train={story_file / 'train.txt'}", f"--data_dir={story_file / 'cache'}",
+          f"--output_dir={out}", "--vocab_size=300", "--d_model=32", "--num_heads=2", "--head_dim=16",
+          "--q_lora_rank=16", "--kv_lora_rank=16", "--rope_head_dim=8", "--mlp_dim=64",
+          "--variant=mlra4", "--batch_size=4", "--seq_len=32", "--warmup_steps=2", "--eval_every=10",
+          "--eval_batches=2", "--eval_batch_size=4", "--max_new_tokens=8", "--noprogress", *extra]
+
+
+def _run(cmd, **kw):
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _train_losses(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def _final_params(run_dir):
+  ckpt = T.Checkpoints(os.path.join(run_dir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  restored = ckpt.restore_as_saved(step)
+  ckpt.close()
+  flat = jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+  return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def test_resume_after_sigkill_is_exact(story_file, tmp_path):
+  steps = ["--steps=24", "--ckpt_every=6"]
+  whole = _run(_cmd(story_file, tmp_path / "whole", *steps))
+  assert whole.returncode == 0, whole.stderr
+  assert "data: built" in whole.stdout or "data: reused" in whole.stdout
+
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen(_cmd(story_file, killed_dir, *steps), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics = killed_dir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if metrics.exists() and len(_train_losses(killed_dir)) >= 14:
+      break
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert len(_train_losses(killed_dir)) < 24, "the run finished before it could be killed"
+  again = _run(_cmd(story_file, killed_dir, *steps))
+  assert again.returncode == 0, again.stderr
+  assert "resumed from step" in again.stdout
+
+  assert _train_losses(killed_dir) == _train_losses(tmp_path / "whole")    # every step, bitwise
+  (s1, a), (s2, b) = _final_params(tmp_path / "whole"), _final_params(killed_dir)
+  assert s1 == s2 == 24
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_kill_during_checkpoint_saves_keeps_a_restorable_checkpoint(story_file, tmp_path):
+  """Checkpoint every step, asynchronously, and SIGKILL at moments when a save is
+  in flight: the latest finished checkpoint must restore and the run must finish."""
+  run_dir = tmp_path / "run"
+  cmd = _cmd(story_file, run_dir, "--steps=60", "--ckpt_every=1", "--keep_checkpoints=2")
+  caught_mid_save = False
+  for delay in (0.0, 0.01, 0.03, 0.05, 0.08):
+    before = len(_train_losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if (run_dir / "metrics.jsonl").exists() and len(_train_losses(run_dir)) >= before + 3:
+        break
+      time.sleep(0.005)
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt_dir = run_dir / "checkpoints"
+    caught_mid_save |= any("tmp" in name for name in os.listdir(ckpt_dir))
+    ckpt = T.Checkpoints(str(ckpt_dir), async_save=False)
+    step = ckpt.latest_step()
+    assert step is not None
+    restored = ckpt.restore_as_saved(step)
+    ckpt.close()
+    assert int(restored["step"]) == step
+    if caught_mid_save:
+      break
+  assert caught_mid_save, "no kill landed during a save; the test proved nothing"
+  done = _run(cmd)
+  assert done.returncode == 0, done.stderr
+  assert _final_params(run_dir)[0] == 60
+
+
+def _error_line(result):
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert "Traceback" not in result.stderr
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input_is_one_line_and_loses_nothing(story_file, tmp_path):
+  run_dir = tmp_path / "run"
+  ok = _run(_cmd(story_file, run_dir, "--steps=4", "--ckpt_every=2"))
+  assert ok.returncode == 0, ok.stderr
+  before = sorted(os.listdir(run_dir / "checkpoints"))
+
+  line = _error_line(_run(_cmd(story_file, run_dir, "--steps=8", "--d_model=64")))
+  assert line.startswith("error:") and "holds checkpoints of a different model (d_model: saved 32, now 64)" in line
+  assert sorted(os.listdir(run_dir / "checkpoints")) == before
+
+  assert "Unknown command line flag 'bogus'" in _error_line(_run(_cmd(story_file, run_dir, "--bogus=3")))
+  assert "unknown --variant='abc'" in _error_line(_run(_cmd(story_file, run_dir, "--variant=abc")))
+  missing = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/none.txt"
+             for a in _cmd(story_file, tmp_path / "r2")]
+  assert "matches no .txt or .json file" in _error_line(_run(missing))
+  (tmp_path / "empty.txt").write_text("")
+  empty = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/empty.txt"
+           for a in _cmd(story_file, tmp_path / "r3")]
+  assert "no stories found" in _error_line(_run(empty))
+  assert sorted(os.listdir(run_dir / "checkpoints")) == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(story_file, tmp_path):
+  run_dir = tmp_path / "nan"
+  out = _run(_cmd(story_file, run_dir, "--steps=40", "--ckpt_every=1", "--learning_rate=1e5",
+                  "--grad_clip=0", "--warmup_steps=0"))
+  line = _error_line(out)
+  assert any(f"{what} at step" in line for what in
+             ("loss became nan", "loss became inf", "parameters became non-finite"))
+  assert "the last good checkpoint" in line
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  ckpt = T.Checkpoints(str(run_dir / "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  assert step == bad_step - 1
+  restored = ckpt.restore_as_saved(step)
+  ckpt.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
