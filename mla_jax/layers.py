@@ -104,10 +104,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax over the last axis in fp32, with masked-out keys at probability 0."""
-  scores = scores.astype(jnp.float32)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1)
+  """Softmax over the last axis in fp32, with masked-out keys at probability 0.
+
+  The mask enters as an additive bias built on the (small, broadcast) mask
+  itself: its gradient is the identity, where a select on the scores would
+  cost one more pass over them in the backward."""
+  bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+  return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
 
 
 def causal_mask(q_len: int, k_len: int) -> jax.Array:

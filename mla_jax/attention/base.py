@@ -1,19 +1,19 @@
 """The one interface every attention variant implements.
 
-A variant writes three methods:
+A variant writes two methods:
 
 * `cache_entries(x, positions)`: what it caches for these tokens, a dict of
   `[batch, seq, *per_token_shape]` arrays named as in `Config.cache_spec()`
   (GQA: rotated keys and values; MLA: the normalised latent and the rotated
   rope key).
-* `attend(x, positions, kv)`: causal attention of the sequence `x` over its own
-  entries `kv` (training and prefill).
-* `attend_cache(x, positions, cache, valid, decode_impl)`: one new token per
-  sequence attending over a preallocated cache; `valid[b, t]` says which cache
-  slots hold sequence b's tokens.
+* `attend(x, positions, kv, mask, impl)`: the queries of `x` attending over the
+  entries `kv` (a sequence's own, or a whole cache); `mask[b, s, t]` (batch may
+  be 1) says which keys query s may see. `impl` is 'naive' (per-head keys and
+  values, the form training uses) or 'absorbed' (the latent family's decode
+  form; variants with nothing to absorb treat both alike).
 
-Everything else (the training forward, prefill into a fixed-shape cache, the
-single-token decode step with per-sequence lengths, cache allocation and
+Everything else (the causal training forward, prefill into a fixed-shape cache,
+the single-token decode step with per-sequence lengths, cache allocation and
 accounting) is shared here.
 """
 from __future__ import annotations
@@ -35,6 +35,11 @@ Cache = dict[str, jax.Array]
 def check_decode_impl(decode_impl: str) -> None:
   if decode_impl not in DECODE_IMPLS:
     raise ValueError(f"unknown decode_impl {decode_impl!r}; choose one of {', '.join(DECODE_IMPLS)}")
+
+
+def causal_mask(seq: int) -> jax.Array:
+  """[1, seq, seq]: query s sees keys t <= s."""
+  return jnp.tril(jnp.ones((seq, seq), bool))[None]
 
 
 def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
@@ -70,17 +75,14 @@ class Attention(nnx.Module):
   def cache_entries(self, x: jax.Array, positions: jax.Array) -> Cache:
     raise NotImplementedError
 
-  def attend(self, x: jax.Array, positions: jax.Array, kv: Cache) -> jax.Array:
-    raise NotImplementedError
-
-  def attend_cache(self, x: jax.Array, positions: jax.Array, cache: Cache, valid: jax.Array,
-                   decode_impl: str) -> jax.Array:
+  def attend(self, x: jax.Array, positions: jax.Array, kv: Cache, mask: jax.Array,
+             impl: str = "naive") -> jax.Array:
     raise NotImplementedError
 
   # ------------------------------------------------------------- shared
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Training forward: causal attention over the sequence."""
-    return self.attend(x, positions, self.cache_entries(x, positions))
+    return self.attend(x, positions, self.cache_entries(x, positions), causal_mask(x.shape[1]))
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
     return cache_axes(self.config)
@@ -98,7 +100,7 @@ class Attention(nnx.Module):
     them in order and never attends past its own position, so they are harmless.
     """
     kv = self.cache_entries(x, positions)
-    y = self.attend(x, positions, kv)
+    y = self.attend(x, positions, kv, causal_mask(x.shape[1]))
     axes = self.cache_axes()
     new_cache = {}
     for name, entries in kv.items():
@@ -125,6 +127,7 @@ class Attention(nnx.Module):
       new_cache[name] = constrain(
           buf.at[rows, lengths].set(entries[:, 0].astype(buf.dtype), mode="drop"), axes[name])
     max_len = next(iter(new_cache.values())).shape[1]
-    valid = jnp.arange(max_len)[None, :] <= lengths[:, None]
-    y = self.attend_cache(x, positions, new_cache, valid, decode_impl)
+    # slots [0, lengths[b]] hold sequence b's tokens, the new one included
+    mask = (jnp.arange(max_len)[None, :] <= lengths[:, None])[:, None, :]
+    y = self.attend(x, positions, new_cache, mask, decode_impl)
     return y, new_cache

@@ -102,20 +102,11 @@ class GQAAttention(Attention):
     axes = ("batch", "length", "kv_heads", "head_dim")
     return {"key": constrain(k, axes), "value": constrain(v, axes)}
 
-  def _attend(self, q, k, v, mask):
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / jnp.sqrt(self.config.head_dim)
-    probs = masked_softmax(scores, mask).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v)
-
-  def attend(self, x, positions, kv):
-    q = self._queries(x, positions)
-    seq = x.shape[1]
-    mask = jnp.tril(jnp.ones((seq, seq), bool))
-    return self._output(x, self._attend(q, kv["key"], kv["value"].astype(self.dtype), mask))
-
-  def attend_cache(self, x, positions, cache, valid, decode_impl):
+  def attend(self, x, positions, kv, mask, impl="naive"):
     # Nothing to absorb: 'naive' and 'absorbed' are the same computation here.
     q = self._queries(x, positions)
-    mask = valid[:, None, None, None, :]
-    return self._output(x, self._attend(q, cache["key"], cache["value"].astype(self.dtype), mask))
+    k, v = kv["key"].astype(self.dtype), kv["value"].astype(self.dtype)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(self.config.head_dim)
+    probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
+    return self._output(x, jnp.einsum("bkgst,btkd->bskgd", probs, v))

@@ -74,7 +74,8 @@ class GTA(Attention):
     return {"kv_state": constrain(state, ("batch", "length", "kv_heads", "head_dim")),
             "rope_key": rope_key}
 
-  def _attend(self, x, positions, kv, mask):
+  def attend(self, x, positions, kv, mask, impl="naive"):
+    # The cache already is the tied state: 'naive' and 'absorbed' coincide.
     cfg = self.config
     n = cfg.head_dim - cfg.rope_dim
     q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
@@ -86,15 +87,7 @@ class GTA(Attention):
     scores = (jnp.einsum("bskgn,btkn->bkgst", q_nope, state[..., :n], preferred_element_type=jnp.float32)
               + jnp.einsum("bskgr,btr->bkgst", q_pe, kv["rope_key"].astype(self.dtype),
                            preferred_element_type=jnp.float32)) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask).astype(state.dtype)
+    probs = masked_softmax(scores, mask[:, None, None]).astype(state.dtype)
     y = jnp.einsum("bkgst,btkd->bskgd", probs, state)                 # V_j = s_j
     y = y.reshape(y.shape[:2] + (cfg.num_heads, cfg.head_dim))
     return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)
-
-  def attend(self, x, positions, kv):
-    seq = x.shape[1]
-    return self._attend(x, positions, kv, jnp.tril(jnp.ones((seq, seq), bool)))
-
-  def attend_cache(self, x, positions, cache, valid, decode_impl):
-    # The cache already is the tied state: 'naive' and 'absorbed' coincide.
-    return self._attend(x, positions, cache, valid[:, None, None, None, :])

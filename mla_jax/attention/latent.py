@@ -214,25 +214,41 @@ class LatentAttention(Attention):
       y = y * jax.nn.sigmoid(dense(x, self.wg[...], "bsd,dgjv->bsgjv", self.dtype))
     return dense(y, self.wo[...], "bsgjv,gjvd->bsd", self.dtype)
 
-  def _rope_scores(self, q_pe, kv):
+  def _rope_scores(self, q_pe, kv, spec):
+    """q_pe . k_pe: the rope key is one vector per token, shared by every block and head."""
     if not self.config.qk_rope_head_dim:
       return 0.0
-    # [B, 1(branch), G, H_g, S, T]: the rope key is shared by every block and head
-    return jnp.einsum("bsgjr,btr->bgjst", q_pe, kv["rope_key"].astype(q_pe.dtype),
-                      preferred_element_type=jnp.float32)[:, None]
+    return jnp.einsum(spec, q_pe, kv["rope_key"].astype(q_pe.dtype), preferred_element_type=jnp.float32)
+
+  def _blocks_latent(self, latent):
+    """Cache layout [B, T, blocks, d_b] -> [B, T, R, G, d_b]."""
+    cfg = self.config
+    return latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
 
   # --------------------------------------------------------------- attention
   def _attend_expanded(self, x, positions, kv, mask):
-    """Re-expand per-head keys and values from the latent (training, naive decode)."""
-    q_nope, q_pe = self._queries(x, positions)
+    """Re-expand per-head keys and values from the latent (training, naive decode).
+
+    Layouts keep (batch, group, head) leading so that every contraction is a
+    plain batched matmul on the CPU and GPU alike; the branch sum of MLRA is
+    folded into the probs @ values contraction (over branch and time at once).
+    """
+    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, n]
     latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
     w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    k_nope = dense(latent, w_uk, "btrgc,rgcjn->btrgjn", self.dtype)
-    value = dense(latent, w_uv, "btrgc,rgcjv->btrgjv", self.dtype)
-    scores = jnp.einsum("bsgjn,btrgjn->brgjst", q_nope, k_nope, preferred_element_type=jnp.float32)
-    scores = (scores + self._rope_scores(q_pe, kv)) * self.softmax_scale
-    probs = masked_softmax(scores, mask).astype(value.dtype)
-    y = jnp.einsum("brgjst,btrgjv->bsgjv", probs, value) / math.sqrt(self.config.branches)
+    k_nope = dense(latent, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
+    value = dense(latent, w_uv, "btrgc,rgcjv->bgjrtv", self.dtype)
+    if self.config.qk_rope_head_dim:
+      # K = [k_nope | k_pe] with the shared rope key copied to every block and head
+      # (as the authors do): its gradient then sums over a key-sized tensor, not
+      # over the (much larger) scores.
+      k_pe = kv["rope_key"].astype(self.dtype)[:, None, None, None]          # [B, 1, 1, 1, T, e]
+      k_nope = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, k_nope.shape[:-1] + k_pe.shape[-1:])], -1)
+      q_nope = jnp.concatenate([q_nope, q_pe], -1)
+    scores = jnp.einsum("bsgjn,bgjrtn->bgjsrt", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores = scores * self.softmax_scale
+    probs = masked_softmax(scores, mask[:, None, None, :, None, :]).astype(value.dtype)
+    y = jnp.einsum("bgjsrt,bgjrtv->bsgjv", probs, value) / math.sqrt(self.config.branches)
     return self._output(x, y)
 
   def _attend_absorbed(self, x, positions, kv, mask):
@@ -242,27 +258,19 @@ class LatentAttention(Attention):
     w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
     q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->bsrgjc", self.dtype)
     scores = jnp.einsum("bsrgjc,btrgc->brgjst", q_latent, latent, preferred_element_type=jnp.float32)
-    scores = (scores + self._rope_scores(q_pe, kv)) * self.softmax_scale
-    probs = masked_softmax(scores, mask).astype(latent.dtype)
+    rope_scores = self._rope_scores(q_pe, kv, "bsgje,bte->bgjst")
+    if self.config.qk_rope_head_dim:
+      rope_scores = rope_scores[:, None]                          # same for every branch
+    scores = (scores + rope_scores) * self.softmax_scale
+    probs = masked_softmax(scores, mask[:, None, None, None]).astype(latent.dtype)
     context = jnp.einsum("brgjst,btrgc->bsrgjc", probs, latent)     # z, width d_b
     y = dense(context, w_uv, "bsrgjc,rgcjv->bsgjv", self.dtype) / math.sqrt(self.config.branches)
     return self._output(x, y)
 
-  def _blocks_latent(self, latent):
-    """Cache layout [B, T, blocks, d_b] -> [B, T, R, G, d_b]."""
-    cfg = self.config
-    return latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
-
-  def attend(self, x, positions, kv):
-    seq = x.shape[1]
-    mask = jnp.tril(jnp.ones((seq, seq), bool))
-    return self._attend_expanded(x, positions, kv, mask)
-
-  def attend_cache(self, x, positions, cache, valid, decode_impl):
-    mask = valid[:, None, None, None, None, :]
-    if decode_impl == "naive":
-      return self._attend_expanded(x, positions, cache, mask)
-    return self._attend_absorbed(x, positions, cache, mask)
+  def attend(self, x, positions, kv, mask, impl="naive"):
+    if impl == "naive":
+      return self._attend_expanded(x, positions, kv, mask)
+    return self._attend_absorbed(x, positions, kv, mask)
 
 
 @register("mla")

@@ -67,21 +67,14 @@ class MFA(Attention):
     k = rope(dense(x, self.wk[...], "bsd,dc->bsc", self.dtype), positions, self.config.rope_theta)
     return {"key": k, "value": dense(x, self.wv[...], "bsd,dc->bsc", self.dtype)}
 
-  def _attend(self, x, positions, kv, mask):
+  def attend(self, x, positions, kv, mask, impl="naive"):
+    # MQA-shaped: nothing to absorb, 'naive' and 'absorbed' coincide.
     cfg = self.config
     c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
     q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     scores = jnp.einsum("bshc,btc->bhst", q, kv["key"].astype(self.dtype),
                         preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask).astype(self.dtype)
+    probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)
     y = jnp.einsum("bhst,btc->bshc", probs, kv["value"].astype(self.dtype))
     return dense(y, self.wo[...], "bshc,hcd->bsd", self.dtype)
-
-  def attend(self, x, positions, kv):
-    seq = x.shape[1]
-    return self._attend(x, positions, kv, jnp.tril(jnp.ones((seq, seq), bool)))
-
-  def attend_cache(self, x, positions, cache, valid, decode_impl):
-    # MQA-shaped: nothing to absorb, 'naive' and 'absorbed' coincide.
-    return self._attend(x, positions, cache, valid[:, None, None, :])

@@ -103,7 +103,7 @@ class TPA(Attention):
     k = jnp.einsum("bthr,btrk->bthk", f["key_a"], f["key_b"]) / cfg.k_rank
     v = jnp.einsum("bthr,btrk->bthk", f["value_a"], f["value_b"]) / cfg.v_rank
     scores = jnp.einsum("bshk,bthk->bhst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask).astype(v.dtype)
+    probs = masked_softmax(scores, mask[:, None]).astype(v.dtype)
     return self._output(jnp.einsum("bhst,bthk->bshk", probs, v))
 
   def _attend_factored(self, x, positions, kv, mask):
@@ -113,17 +113,12 @@ class TPA(Attention):
     q_dot_b = jnp.einsum("bshk,btrk->bhstr", q, f["key_b"])           # q_i . B_K[t, r]
     scores = jnp.einsum("bhstr,bthr->bhst", q_dot_b, f["key_a"],
                         preferred_element_type=jnp.float32) / (cfg.k_rank * jnp.sqrt(cfg.head_dim))
-    probs = masked_softmax(scores, mask).astype(self.dtype)
+    probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)
     weights = probs[..., None] * jnp.swapaxes(f["value_a"], 1, 2)[:, :, None]   # p_it A_V[t, i, r]
     y = jnp.einsum("bhstr,btrk->bshk", weights, f["value_b"]) / cfg.v_rank
     return self._output(y)
 
-  def attend(self, x, positions, kv):
-    seq = x.shape[1]
-    return self._attend_expanded(x, positions, kv, jnp.tril(jnp.ones((seq, seq), bool)))
-
-  def attend_cache(self, x, positions, cache, valid, decode_impl):
-    mask = valid[:, None, None, :]
-    if decode_impl == "naive":
-      return self._attend_expanded(x, positions, cache, mask)
-    return self._attend_factored(x, positions, cache, mask)
+  def attend(self, x, positions, kv, mask, impl="naive"):
+    if impl == "naive":
+      return self._attend_expanded(x, positions, kv, mask)
+    return self._attend_factored(x, positions, kv, mask)
