@@ -37,7 +37,8 @@ flags.DEFINE_string("preset", None, "A named model config (python -m mla_jax.pre
                     "overrides the model flags below.")
 flags.DEFINE_enum("flavour", "llama", ["llama", "gpt2"], "Transformer flavour.")
 flags.DEFINE_string("variant", "mla", f"Attention variant ({', '.join(ALL_VARIANTS)}).")
-flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size (the trained tokenizer's size too).")
+flags.DEFINE_integer("vocab_size", 4096, "The model's vocabulary and the trained tokenizer's size "
+                     "(with --preset, only the tokenizer's: the preset keeps its rows).")
 flags.DEFINE_integer("d_model", 128, "Model width.")
 flags.DEFINE_integer("num_layers", 2, "Layers.")
 flags.DEFINE_integer("mlp_dim", 344, "MLP width.")

@@ -257,9 +257,9 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   if config.flavour == "gpt2" and tc.seq_len > config.max_seq_len:
     raise RunError(f"--seq_len={tc.seq_len} exceeds max_seq_len={config.max_seq_len}")
   data = prepare_data(data_spec)
-  if data.tokenizer.vocab_size != config.vocab_size:
-    raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model "
-                   f"vocab_size is {config.vocab_size}; make them equal")
+  if data.tokenizer.vocab_size > config.vocab_size:
+    raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
+                   f"{config.vocab_size} embedding rows; raise the model's vocab_size")
 
   graphdef, state, shardings = T.create_state(config, tc, mesh)
   local_batch = tc.batch_size // processes

@@ -1,0 +1,169 @@
+"""Training speed side by side: this library's jitted train step against the MLRA
+authors' PyTorch model in eager mode, same machine, same config, one run.
+
+    .venv/bin/pip install -e '.[torch]'      # torch==2.13.0, the CPU wheel
+    git clone https://github.com/SongtaoLiu0823/MLRA /path/to/MLRA
+    .venv/bin/python -m experiments.bench_torch --authors_repo=/path/to/MLRA
+
+The authors' model files are imported from the checkout at run time (nothing of
+theirs is copied here). Two of their imports cannot run on a CPU-only machine
+and are replaced: flash-attn's `flash_attn_func` by torch's causal
+`scaled_dot_product_attention` (same math), and `transformers` (used only for
+their save / load plumbing) by a minimal stand-in.
+
+Config (the runner issue's): Llama-3 flavour, 4 layers, d 256, 4 heads of 64,
+SwiGLU 688, vocab 4096, latent 128, rope 32 (query latent 128), batch 8 x 256,
+AdamW with clipping, fp32, both sides single-process on all CPU cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import types
+
+from absl import app, flags
+
+flags.DEFINE_string("authors_repo", None, "Path to a checkout of github.com/SongtaoLiu0823/MLRA.")
+flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to compare (mha, mla, mlra4).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps on each side.")
+flags.DEFINE_integer("steps", 10, "Timed steps on each side.")
+FLAGS = flags.FLAGS
+
+# our variant name -> the authors' model file
+AUTHORS_FILE = {"mha": "mha", "mla": "mla", "mlra4": "mlra_4", "mlra2": "mlra_2", "gla2": "gla_2"}
+CONFIG = dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, head_dim=64, intermediate_size=688,
+              q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64)
+
+
+def _install_stand_ins():
+  """flash_attn_interface and transformers, as far as the authors' models use them."""
+  import torch
+  import torch.nn.functional as F
+
+  def flash_attn_func(q, k, v, causal=False, softmax_scale=None, **unused):
+    # flash-attn takes [batch, seq, heads, dim]; SDPA takes [batch, heads, seq, dim]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal, scale=softmax_scale)
+    return y.transpose(1, 2)
+
+  fa = types.ModuleType("flash_attn_interface")
+  fa.flash_attn_func = flash_attn_func
+  sys.modules["flash_attn_interface"] = fa
+
+  class PretrainedConfig:
+    def __init__(self, **kwargs):
+      for k, v in kwargs.items():
+        setattr(self, k, v)
+
+  class PreTrainedModel(torch.nn.Module):
+    def __init__(self, config=None, *args, **kwargs):
+      super().__init__()
+
+  tr = types.ModuleType("transformers")
+  tr.PreTrainedModel = PreTrainedModel
+  tr.PretrainedConfig = PretrainedConfig
+  for sub, attr in (("configuration_utils", "PretrainedConfig"), ("modeling_utils", "PreTrainedModel")):
+    mod = types.ModuleType(f"transformers.{sub}")
+    setattr(mod, attr, getattr(tr, attr))
+    setattr(tr, sub, mod)
+    sys.modules[f"transformers.{sub}"] = mod
+  sys.modules["transformers"] = tr
+
+
+def load_authors_model(repo: str, variant: str):
+  path = os.path.join(repo, "model", f"{AUTHORS_FILE[variant]}.py")
+  if not os.path.exists(path):
+    raise ValueError(f"{path} not found: --authors_repo must be a checkout of "
+                     "github.com/SongtaoLiu0823/MLRA (it has model/<variant>.py)")
+  spec = importlib.util.spec_from_file_location(f"mlra_authors_{AUTHORS_FILE[variant]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.GPTConfig(block_size=FLAGS.seq_len, **CONFIG)
+  return module.GPT(config)
+
+
+def bench_torch(model) -> float:
+  """Median seconds per step: forward, loss, backward, clip, AdamW step (their loop)."""
+  import torch
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+  gen = torch.Generator().manual_seed(0)
+  tokens = torch.randint(0, CONFIG["vocab_size"], (FLAGS.batch_size, FLAGS.seq_len + 1), generator=gen)
+  x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+  times = []
+  for i in range(FLAGS.warmup + FLAGS.steps):
+    t0 = time.perf_counter()
+    _, loss = model(x, targets=y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if i >= FLAGS.warmup:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def our_config(variant: str):
+  from mla_jax import ModelConfig, attention_config
+  c = CONFIG
+  if variant == "mha":
+    attn = attention_config("mha", num_heads=c["n_head"], head_dim=c["head_dim"])
+  else:
+    attn = attention_config(variant, num_heads=c["n_head"], q_lora_rank=c["q_lora_rank"],
+                            kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+                            qk_rope_head_dim=c["qk_rope_head_dim"])
+  return ModelConfig(flavour="llama", vocab_size=c["vocab_size"], d_model=c["n_embd"],
+                     num_layers=c["n_layer"], mlp_dim=c["intermediate_size"],
+                     max_seq_len=FLAGS.seq_len, attention=attn)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.authors_repo:
+    print("error: pass --authors_repo=PATH (a checkout of github.com/SongtaoLiu0823/MLRA)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    import torch
+  except ImportError:
+    print("error: torch is not installed; run: .venv/bin/pip install -e '.[torch]'", file=sys.stderr)
+    sys.exit(2)
+  unknown = [v for v in FLAGS.variants if v not in AUTHORS_FILE]
+  if unknown:
+    print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)
+    sys.exit(2)
+  from experiments.trainer import bench_train
+  from mla_jax.model import count_params
+  from mla_jax.train import TrainConfig
+
+  _install_stand_ins()
+  torch.manual_seed(0)
+  tokens = FLAGS.batch_size * FLAGS.seq_len
+  print(f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens per step, fp32, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads) eager vs jax (jit); median of {FLAGS.steps} steps "
+        f"after {FLAGS.warmup}")
+  print(f"{'variant':<8} {'params (ours)':>14} {'params (theirs)':>16} {'ours tok/s':>11} "
+        f"{'theirs tok/s':>13} {'ratio':>6}")
+  for variant in FLAGS.variants:
+    try:
+      theirs = load_authors_model(FLAGS.authors_repo, variant)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    t_theirs = bench_torch(theirs)
+    del theirs
+    config = our_config(variant)
+    tc = TrainConfig(steps=100, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, learning_rate=1e-3,
+                     warmup_steps=0, grad_clip=1.0, weight_decay=0.1)
+    ours = bench_train(config, tc, warmup=FLAGS.warmup, steps=FLAGS.steps)
+    print(f"{variant:<8} {count_params(config)['total']:>14,} {n_theirs:>16,} "
+          f"{ours['tokens_per_s']:>11,.0f} {tokens / t_theirs:>13,.0f} "
+          f"{ours['tokens_per_s'] * t_theirs / tokens:>5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
