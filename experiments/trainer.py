@@ -150,10 +150,10 @@ def loss_curve_png(run_dir: str, title: str = "") -> str:
   if train:
     steps, losses = zip(*train)
     ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
-    ema, out = None, []
-    for x in losses:
-      ema = x if ema is None else 0.95 * ema + 0.05 * x
-      out.append(ema)
+    ema, out = 0.0, []
+    for k, x in enumerate(losses, 1):
+      ema = 0.95 * ema + 0.05 * x
+      out.append(ema / (1 - 0.95 ** k))        # bias-corrected, so it starts on the data
     ax.plot(steps, out, color="tab:blue", lw=1.6, label="train (EMA 0.95)")
   if evals:
     steps, losses = zip(*evals)
@@ -321,6 +321,8 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   finally:
     bar.close()
     metrics.close()
+  if "eval" not in summary:            # resumed a finished run: report where it stands
+    summary["eval"] = evaluate(eval_fn, state["params"], eval_batches, mesh)
   model = T.model_from_state(graphdef, state)
   summary["sample"] = sample(model, data.tokenizer, loop.prompt, max_new_tokens=loop.sample_tokens,
                              seed=tc.seed)

@@ -249,3 +249,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(story_file, tmp_path)
   restored = ckpt.restore_as_saved(step)
   ckpt.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_quickstart_flagfile_builds_then_reuses(tmp_path):
+  """The README's quickstart flagfile, shortened: the first run builds the data and
+  the tokenizer, the second reuses both and resumes the finished run."""
+  cmd = [sys.executable, "-m", "experiments.run", "--flagfile=experiments/configs/quickstart.flags",
+         f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'run'}", "--steps=6",
+         "--warmup_steps=2", "--eval_every=3", "--ckpt_every=3", "--num_train_stories=3000",
+         "--num_valid_stories=200", "--max_new_tokens=10", "--noprogress"]
+  first = _run(cmd)
+  assert first.returncode == 0, first.stderr
+  assert "data: built synthetic_stories" in first.stdout
+  assert "tokenizer: trained SentencePiece, 2048 tokens" in first.stdout
+  assert "sample: Once upon a time" in first.stdout
+  assert os.path.exists(tmp_path / "run" / "loss_curve.png")
+  second = _run(cmd)
+  assert second.returncode == 0, second.stderr
+  assert "data: reused" in second.stdout and "tokenizer: reused" in second.stdout
+  assert "resumed from step 6" in second.stdout and "validation loss" in second.stdout
