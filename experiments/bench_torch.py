@@ -87,24 +87,60 @@ def load_authors_model(repo: str, variant: str):
   return module.GPT(config)
 
 
-def bench_torch(model) -> float:
-  """Median seconds per step: forward, loss, backward, clip, AdamW step (their loop)."""
+def torch_step_fn(model):
+  """Their training step: forward, loss, backward, clip, AdamW (as in their train_*.py)."""
   import torch
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
   gen = torch.Generator().manual_seed(0)
   tokens = torch.randint(0, CONFIG["vocab_size"], (FLAGS.batch_size, FLAGS.seq_len + 1), generator=gen)
   x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-  times = []
-  for i in range(FLAGS.warmup + FLAGS.steps):
-    t0 = time.perf_counter()
+
+  def step():
     _, loss = model(x, targets=y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if i >= FLAGS.warmup:
-      times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return step
+
+
+def jax_step_fn(config):
+  import jax
+  import numpy as np
+  from experiments.trainer import global_batch
+  from mla_jax import sharding
+  from mla_jax import train as T
+  tc = T.TrainConfig(steps=100, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, learning_rate=1e-3,
+                     warmup_steps=0, grad_clip=1.0, weight_decay=0.1)
+  mesh = sharding.make_mesh("", config)
+  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  run = T.make_train_step(graphdef, tc, shardings, mesh)
+  rng = np.random.default_rng(0)
+  tokens = global_batch(rng.integers(0, config.vocab_size, (tc.batch_size, tc.seq_len + 1)).astype(np.int32), mesh)
+  box = [state]
+
+  def step():
+    box[0], m = run(box[0], tokens)
+    jax.block_until_ready(m["loss"])
+  return step
+
+
+def interleaved(steps_a, steps_b) -> tuple[float, float, float]:
+  """Alternate one step of each, so both see the same machine noise; returns
+  (median seconds a, median seconds b, median of the per-round ratios b / a)."""
+  for _ in range(FLAGS.warmup):
+    steps_a()
+    steps_b()
+  ta, tb = [], []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    steps_a()
+    t1 = time.perf_counter()
+    steps_b()
+    t2 = time.perf_counter()
+    ta.append(t1 - t0)
+    tb.append(t2 - t1)
+  return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
 def our_config(variant: str):
@@ -135,34 +171,27 @@ def main(argv):
   if unknown:
     print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)
     sys.exit(2)
-  from experiments.trainer import bench_train
   from mla_jax.model import count_params
-  from mla_jax.train import TrainConfig
 
   _install_stand_ins()
   torch.manual_seed(0)
   tokens = FLAGS.batch_size * FLAGS.seq_len
   print(f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens per step, fp32, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads) eager vs jax (jit); median of {FLAGS.steps} steps "
-        f"after {FLAGS.warmup}")
+        f"({torch.get_num_threads()} threads) eager vs jax (jit); steps alternate between the two, "
+        f"medians of {FLAGS.steps} after {FLAGS.warmup} warm-up")
   print(f"{'variant':<8} {'params (ours)':>14} {'params (theirs)':>16} {'ours tok/s':>11} "
-        f"{'theirs tok/s':>13} {'ratio':>6}")
+        f"{'theirs tok/s':>13} {'speed-up':>9}")
   for variant in FLAGS.variants:
     try:
       theirs = load_authors_model(FLAGS.authors_repo, variant)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
-    n_theirs = sum(p.numel() for p in theirs.parameters())
-    t_theirs = bench_torch(theirs)
-    del theirs
     config = our_config(variant)
-    tc = TrainConfig(steps=100, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, learning_rate=1e-3,
-                     warmup_steps=0, grad_clip=1.0, weight_decay=0.1)
-    ours = bench_train(config, tc, warmup=FLAGS.warmup, steps=FLAGS.steps)
-    print(f"{variant:<8} {count_params(config)['total']:>14,} {n_theirs:>16,} "
-          f"{ours['tokens_per_s']:>11,.0f} {tokens / t_theirs:>13,.0f} "
-          f"{ours['tokens_per_s'] * t_theirs / tokens:>5.2f}x", flush=True)
+    t_ours, t_theirs, ratio = interleaved(jax_step_fn(config), torch_step_fn(theirs))
+    print(f"{variant:<8} {count_params(config)['total']:>14,} {sum(p.numel() for p in theirs.parameters()):>16,} "
+          f"{tokens / t_ours:>11,.0f} {tokens / t_theirs:>13,.0f} {ratio:>8.2f}x", flush=True)
+    del theirs
 
 
 if __name__ == "__main__":
