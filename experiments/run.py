@@ -29,7 +29,17 @@ ALL_VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "g
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("output_dir", "runs/default", "The run directory (checkpoints, metrics, plots), "
                     "or where reports go.")
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:1,tensor:4 (empty: one device).")
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:1,tensor:4 (empty: every device on "
+                    "the data axis in a multi-process run, one device otherwise).")
+flags.DEFINE_enum("rules", "default", ["default", "vocab_replicated"],
+                  "Logical-axis rules preset (mla_jax.sharding.RULE_PRESETS).")
+
+# ---- multi-process (see launch/README.md)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (SLURM is detected without flags).")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_integer("local_device_count", None, "CPU devices this process exposes (CPU runs only).")
+flags.DEFINE_integer("distributed_timeout", 120, "Seconds to wait for the other processes.")
 flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, sampling).")
 
 # ---- model
@@ -187,7 +197,8 @@ def run_train() -> None:
   from experiments import trainer
   from mla_jax import count_params
   config, tc = model_config_from_flags(), train_config_from_flags()
-  loop = trainer.LoopSpec(output_dir=FLAGS.output_dir, mesh=FLAGS.mesh, log_every=FLAGS.log_every,
+  loop = trainer.LoopSpec(output_dir=FLAGS.output_dir, mesh=FLAGS.mesh, rules=FLAGS.rules,
+                          log_every=FLAGS.log_every,
                           eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
                           eval_batch_size=FLAGS.eval_batch_size, ckpt_every=FLAGS.ckpt_every,
                           keep_checkpoints=FLAGS.keep_checkpoints,
@@ -202,15 +213,17 @@ def run_train() -> None:
     print(f"resumed from step {summary['resumed_from']}")
   if "eval" in summary:
     print(f"validation loss {summary['eval']['loss']:.4f}, perplexity {summary['eval']['perplexity']:.2f}")
-  print(f"sample: {summary['sample']}")
-  print(f"loss curve: {summary['loss_curve']}")
+  if summary.get("loss_curve"):          # process 0 prints for the run
+    print(f"sample: {summary['sample']}")
+    print(f"loss curve: {summary['loss_curve']}")
 
 
 def run_eval() -> None:
   from experiments import trainer
   out = trainer.run_eval(FLAGS.output_dir, data_spec_from_flags(), mesh=FLAGS.mesh,
                          eval_batches=FLAGS.eval_batches, eval_batch_size=FLAGS.eval_batch_size,
-                         prompt=FLAGS.prompt, sample_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed)
+                         prompt=FLAGS.prompt, sample_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
+                         rules=FLAGS.rules)
   sample = out.pop("sample")
   print(json.dumps(out, indent=2))
   print(f"sample: {sample}")
@@ -221,7 +234,7 @@ def run_generate() -> None:
   from experiments import trainer
   from mla_jax.generate import generate
   import numpy as np
-  config, model, tokenizer, meta, _ = trainer.load_run(FLAGS.output_dir, FLAGS.mesh)
+  config, model, tokenizer, meta, _ = trainer.load_run(FLAGS.output_dir, FLAGS.mesh, FLAGS.rules)
   ids = tokenizer.encode(FLAGS.prompt)
   if not ids:
     raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -244,7 +257,8 @@ def run_generate() -> None:
 def run_bench_train() -> None:
   from experiments import trainer
   config, tc = model_config_from_flags(), train_config_from_flags()
-  out = trainer.bench_train(config, tc, mesh=FLAGS.mesh, warmup=FLAGS.bench_warmup, steps=FLAGS.bench_steps)
+  out = trainer.bench_train(config, tc, mesh=FLAGS.mesh, warmup=FLAGS.bench_warmup,
+                            steps=FLAGS.bench_steps, rules=FLAGS.rules)
   print(f"{config.attention.variant}: median step {1e3 * out['median_step_s']:.1f} ms, "
         f"{out['tokens_per_s']:,.0f} tokens/s ({tc.batch_size} x {tc.seq_len}, {out['steps_timed']} "
         f"timed steps after {FLAGS.bench_warmup} warm-up)")
@@ -262,6 +276,17 @@ def run_kv_report(tps) -> None:
            f"{first.attention.num_heads} heads; {FLAGS.cache_dtype} cache")
   cache_report.write(report, FLAGS.output_dir, name=f"kv_report_{FLAGS.family}", batch=FLAGS.batch,
                      context=FLAGS.context, layers=first.num_layers, title=title)
+
+
+def start_distributed():
+  """Join a multi-process run when the flags or the environment say so."""
+  from mla_jax import distributed
+  topo = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                local_device_count=FLAGS.local_device_count,
+                                timeout_s=FLAGS.distributed_timeout)
+  if topo.process_count > 1 and not FLAGS.mesh:
+    FLAGS.mesh = f"data:{topo.global_devices}"
+  return topo
 
 
 def _parse_tps() -> list[int]:
@@ -291,12 +316,16 @@ def main(argv):
                                    f" --xla_force_host_platform_device_count={max(tps)}").strip()
       run_kv_report(tps)
     elif FLAGS.mode == "train":
+      start_distributed()
       run_train()
     elif FLAGS.mode == "eval":
+      start_distributed()
       run_eval()
     elif FLAGS.mode == "generate":
+      start_distributed()
       run_generate()
     elif FLAGS.mode == "bench_train":
+      start_distributed()
       run_bench_train()
   except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mla_jax import sharding
+from mla_jax import compat, sharding
 from mla_jax import train as T
 from mla_jax.config import ModelConfig
 from mla_jax.data import builders, pipeline
@@ -58,8 +58,22 @@ class Data:
   key: str
 
 
-def prepare_data(spec: DataSpec) -> Data:
-  """Build (or reuse) the dataset and the tokenizer under `spec.data_dir`."""
+def prepare_data(spec: DataSpec, barrier_timeout_s: float = 3600) -> Data:
+  """Build (or reuse) the dataset and the tokenizer under `spec.data_dir`.
+
+  In a multi-process run process 0 builds them first and the others wait, then
+  reuse them (a shared --data_dir) or build their own identical copy."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      data = _prepare_data(spec)
+    compat.barrier("mla_jax_data_ready", barrier_timeout_s)
+    if jax.process_index() != 0:
+      data = _prepare_data(spec)
+    return data
+  return _prepare_data(spec)
+
+
+def _prepare_data(spec: DataSpec) -> Data:
   if spec.kind == "synthetic_stories":
     builder = builders.synthetic_builder(spec.root, spec.num_train, spec.num_validation, spec.seed)
   elif spec.kind == "tinystories":
@@ -105,6 +119,9 @@ class Metrics:
 
   def __init__(self, run_dir: str, resume_step: int):
     self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.active = jax.process_index() == 0     # one writer in a multi-process run
+    if not self.active:
+      return
     if os.path.exists(self.path):
       with open(self.path) as f:
         kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -118,6 +135,8 @@ class Metrics:
       self._tb = None
 
   def write(self, record: dict) -> None:
+    if not self.active:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -126,6 +145,8 @@ class Metrics:
           self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
   def close(self) -> None:
+    if not self.active:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()
@@ -173,16 +194,16 @@ def loss_curve_png(run_dir: str, title: str = "") -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def global_batch(tokens: np.ndarray, mesh) -> jax.Array:
+def global_batch(tokens: np.ndarray, mesh, rules=sharding.RULES) -> jax.Array:
   """This process's rows -> one global array sharded over the batch axes."""
-  spec = sharding.named_sharding(mesh, ("batch", "length"), strict=False)
+  spec = sharding.named_sharding(mesh, ("batch", "length"), rules=rules, strict=False)
   return jax.make_array_from_process_local_data(spec, tokens)
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict:
+def evaluate(eval_step, params, batches, mesh, rules=sharding.RULES) -> dict:
   total = count = 0.0
   for tokens in batches:
-    s, n = eval_step(params, global_batch(tokens, mesh))
+    s, n = eval_step(params, global_batch(tokens, mesh, rules))
     total += float(s)
     count += float(n)
   loss = total / count
@@ -228,6 +249,7 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
 class LoopSpec:
   output_dir: str
   mesh: str = ""
+  rules: str = "default"
   log_every: int = 10
   eval_every: int = 200
   eval_batches: int = 8
@@ -246,7 +268,8 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
                        async_save=loop.async_checkpoints)
   resume = check_run_dir(ckpt, config)               # before any data build or compile
-  mesh = sharding.make_mesh(loop.mesh, config)
+  rules = sharding.rules_preset(loop.rules)
+  mesh = sharding.make_mesh(loop.mesh, config, rules=rules)
   processes, rank = jax.process_count(), jax.process_index()
   if tc.batch_size % processes:
     raise RunError(f"--batch_size={tc.batch_size} does not split over {processes} processes")
@@ -261,12 +284,10 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                    f"{config.vocab_size} embedding rows; raise the model's vocab_size")
 
-  graphdef, state, shardings = T.create_state(config, tc, mesh)
-  local_batch = tc.batch_size // processes
-  dataset = pipeline.packed_batches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
-                                    batch_size=local_batch, seed=tc.seed, process_index=rank,
-                                    process_count=processes)
-  iterator = iter(dataset)
+  graphdef, state, shardings = T.create_state(config, tc, mesh, rules)
+  iterator = pipeline.PackedBatches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
+                                    batch_size=tc.batch_size, seed=tc.seed,
+                                    rows=pipeline.process_rows(tc.batch_size, rank, processes))
   start = 0
   if resume is not None:
     abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
@@ -274,11 +295,10 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     iterator.set_state(data_state["iterator"])
     start = resume
   eval_batches = pipeline.fixed_batches(
-      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
-      batch_size=loop.eval_batch_size // processes, num_batches=loop.eval_batches,
-      process_index=rank, process_count=processes)
-  step_fn = T.make_train_step(graphdef, tc, shardings, mesh)
-  eval_fn = T.make_eval_step(graphdef, mesh)
+      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=loop.eval_batch_size,
+      num_batches=loop.eval_batches, rows=pipeline.process_rows(loop.eval_batch_size, rank, processes))
+  step_fn = T.make_train_step(graphdef, tc, shardings, mesh, rules)
+  eval_fn = T.make_eval_step(graphdef, mesh, rules)
   metrics = Metrics(loop.output_dir, start)
   last_good = resume
 
@@ -291,7 +311,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   try:
     for step in range(start + 1, tc.steps + 1):
       tokens = next(iterator)["tokens"]
-      state, m = step_fn(state, global_batch(tokens, mesh))
+      state, m = step_fn(state, global_batch(tokens, mesh, rules))
       loss, param_norm = float(m["loss"]), float(m["param_norm"])
       if not (math.isfinite(loss) and math.isfinite(param_norm)):
         ckpt.wait()
@@ -310,7 +330,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
       metrics.write(record)
       bar.update(1)
       if step % loop.eval_every == 0 or step == tc.steps:
-        ev = evaluate(eval_fn, state["params"], eval_batches, mesh)
+        ev = evaluate(eval_fn, state["params"], eval_batches, mesh, rules)
         metrics.write({"kind": "eval", "step": step, **ev})
         bar.write(f"step {step}: validation loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
         summary["eval"] = ev
@@ -322,12 +342,13 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     bar.close()
     metrics.close()
   if "eval" not in summary:            # resumed a finished run: report where it stands
-    summary["eval"] = evaluate(eval_fn, state["params"], eval_batches, mesh)
+    summary["eval"] = evaluate(eval_fn, state["params"], eval_batches, mesh, rules)
   model = T.model_from_state(graphdef, state)
   summary["sample"] = sample(model, data.tokenizer, loop.prompt, max_new_tokens=loop.sample_tokens,
                              seed=tc.seed)
-  summary["loss_curve"] = loss_curve_png(loop.output_dir, f"{config.attention.variant}: "
-                                         f"{config.num_layers} layers, d {config.d_model}")
+  if jax.process_index() == 0:
+    summary["loss_curve"] = loss_curve_png(loop.output_dir, f"{config.attention.variant}: "
+                                           f"{config.num_layers} layers, d {config.d_model}")
   summary["cache_elements_per_token"] = config.cache_elements_per_token()
   summary["steps"] = tc.steps
   ckpt.close()
@@ -337,7 +358,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
 # ----------------------------------------------------------------------------- eval / load
 
 
-def load_run(run_dir: str, mesh_spec: str = ""):
+def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default"):
   """(config, model, tokenizer, meta) from the latest checkpoint of a run."""
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
@@ -349,25 +370,28 @@ def load_run(run_dir: str, mesh_spec: str = ""):
   meta = ckpt.read_meta(step)
   config = ModelConfig.from_dict(meta["model_config"])
   tc = T.TrainConfig(**meta["train_config"])
-  mesh = sharding.make_mesh(mesh_spec, config)
-  graphdef, state, shardings = T.create_state(config, tc, mesh)
+  rules = sharding.rules_preset(rules_name)
+  mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
+  graphdef, state, shardings = T.create_state(config, tc, mesh, rules)
   abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
   state, _, _ = ckpt.restore(abstract, step)
   ckpt.close()
   if not meta.get("tokenizer") or not os.path.exists(meta["tokenizer"]):
     raise RunError(f"the run's tokenizer {meta.get('tokenizer')!r} is missing; pass --tokenizer=PATH")
-  return config, T.model_from_state(graphdef, state), tok.load(meta["tokenizer"]), meta, (graphdef, state, mesh)
+  return config, T.model_from_state(graphdef, state), tok.load(meta["tokenizer"]), meta, (graphdef, state, mesh, rules)
 
 
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
-             prompt: str, sample_tokens: int, seed: int) -> dict:
-  config, model, tokenizer, meta, (graphdef, state, mesh_obj) = load_run(run_dir, mesh)
+             prompt: str, sample_tokens: int, seed: int, rules: str = "default") -> dict:
+  config, model, tokenizer, meta, (graphdef, state, mesh_obj, rules_t) = load_run(run_dir, mesh, rules)
   spec = dataclasses.replace(data_spec, tokenizer=meta["tokenizer"])
   data = prepare_data(spec)
   tc = T.TrainConfig(**meta["train_config"])
-  batches = pipeline.fixed_batches(data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
-                                   batch_size=eval_batch_size, num_batches=eval_batches)
-  ev = evaluate(T.make_eval_step(graphdef, mesh_obj), state["params"], batches, mesh_obj)
+  batches = pipeline.fixed_batches(
+      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=eval_batch_size,
+      num_batches=eval_batches,
+      rows=pipeline.process_rows(eval_batch_size, jax.process_index(), jax.process_count()))
+  ev = evaluate(T.make_eval_step(graphdef, mesh_obj, rules_t), state["params"], batches, mesh_obj, rules_t)
   return {"step": meta["step"], **ev, "cache_elements_per_token": config.cache_elements_per_token(),
           "cache_bytes_per_token_all_layers_fp32": 4 * config.cache_elements_per_token() * config.num_layers,
           "sample": sample(model, tokenizer, prompt, max_new_tokens=sample_tokens, seed=seed)}
@@ -377,14 +401,16 @@ def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int,
 
 
 def bench_train(config: ModelConfig, tc: T.TrainConfig, *, mesh: str = "", warmup: int = 3,
-                steps: int = 10) -> dict:
+                steps: int = 10, rules: str = "default") -> dict:
   """Median train-step time and tokens/s after warm-up, on fixed random tokens."""
-  mesh_obj = sharding.make_mesh(mesh, config)
-  graphdef, state, shardings = T.create_state(config, tc, mesh_obj)
-  step_fn = T.make_train_step(graphdef, tc, shardings, mesh_obj)
+  rules_t = sharding.rules_preset(rules)
+  mesh_obj = sharding.make_mesh(mesh, config, rules=rules_t)
+  graphdef, state, shardings = T.create_state(config, tc, mesh_obj, rules_t)
+  step_fn = T.make_train_step(graphdef, tc, shardings, mesh_obj, rules_t)
   rng = np.random.default_rng(0)
-  tokens = global_batch(rng.integers(0, config.vocab_size, (tc.batch_size, tc.seq_len + 1)).astype(np.int32),
-                        mesh_obj)
+  rows = pipeline.process_rows(tc.batch_size, jax.process_index(), jax.process_count())
+  tokens = rng.integers(0, config.vocab_size, (tc.batch_size, tc.seq_len + 1)).astype(np.int32)
+  tokens = global_batch(tokens[rows.start:rows.stop], mesh_obj, rules_t)
   times = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()

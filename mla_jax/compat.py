@@ -78,3 +78,16 @@ def cost_analysis(compiled) -> dict:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return dict(cost or {})
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Every process waits here until all have arrived (no-op for one process).
+
+  Uses the jax.distributed coordination service directly: unlike a collective,
+  it has an explicit timeout (long work on process 0, e.g. building a dataset,
+  would otherwise trip the collectives' 30-second setup deadline)."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as _dist
+  _dist.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -62,6 +62,21 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 Rules = Sequence[tuple[str, Any]]
 
+# Named variations of the table (the runner's --rules flag).
+RULE_PRESETS: dict[str, Rules] = {
+    "default": RULES,
+    # Keep the vocabulary whole on every device: any vocabulary size works with
+    # any TP degree (GPT-2's 50257, say), at the cost of replicated embeddings.
+    "vocab_replicated": tuple((name, None if name in ("vocab", "act_vocab") else axes)
+                              for name, axes in RULES),
+}
+
+
+def rules_preset(name: str) -> Rules:
+  if name not in RULE_PRESETS:
+    raise ValueError(f"unknown rules preset {name!r}; choose one of {', '.join(RULE_PRESETS)}")
+  return RULE_PRESETS[name]
+
 
 # ----------------------------------------------------------------------------- mesh
 
@@ -130,7 +145,7 @@ def _fmt_degrees(degrees: Iterable[int]) -> str:
 
 
 def make_mesh(spec: "str | MeshSpec | Mapping[str, int] | None" = None, config=None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+              devices: Sequence[jax.Device] | None = None, rules: Rules = RULES) -> jax.sharding.Mesh:
   """Build the 4-axis mesh for `spec`, factoring `tensor` for `config`'s attention.
 
   With a model config the layout is validated first (every parameter and cache
@@ -142,9 +157,13 @@ def make_mesh(spec: "str | MeshSpec | Mapping[str, int] | None" = None, config=N
     raise ValueError(f"mesh {spec} needs {spec.size} devices but only {len(all_devices)} are "
                      f"available: shrink the mesh (its sizes multiply to the device count), or on "
                      f"a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={spec.size}")
+  if devices is None and jax.process_count() > 1 and spec.size != len(all_devices):
+    raise ValueError(f"mesh {spec} uses {spec.size} devices but the {jax.process_count()} processes "
+                     f"have {len(all_devices)}: in a multi-process run the mesh sizes must multiply "
+                     f"to {len(all_devices)}")
   tensor, rep = spec.tensor, 1
   if config is not None:
-    check_layout(config, spec)
+    check_layout(config, spec, rules)
     tensor, rep = factor_tensor(spec.tensor, config.attention.partition_entries(),
                                 config.attention.partition_entries_name())
   shape = (spec.data, spec.fsdp, tensor, rep)
@@ -300,7 +319,7 @@ def _abstract_arrays(config):
   return out
 
 
-def check_layout(config, spec: "str | MeshSpec") -> None:
+def check_layout(config, spec: "str | MeshSpec", rules: Rules = RULES) -> None:
   """Raise a one-line ValueError if `config` cannot be laid out on `spec`."""
   spec = MeshSpec.parse(spec)
   attn = config.attention
@@ -309,15 +328,16 @@ def check_layout(config, spec: "str | MeshSpec") -> None:
     tensor, rep = factor_tensor(spec.tensor, entries, attn.partition_entries_name())
     sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
     for path, shape, axes in _abstract_arrays(config):
-      logical_to_spec(axes, shape, mesh_axis_sizes=sizes, what=path)
+      logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
   except ValueError as e:
-    works = valid_tp_degrees(config, spec)
+    works = valid_tp_degrees(config, spec, rules=rules)
     raise ValueError(f"{config.attention.variant} cannot shard on mesh {spec}: {e}; "
                      f"TP degrees that work for this model (with data:{spec.data},"
                      f"fsdp:{spec.fsdp}): {_fmt_degrees(works) or 'none'}") from None
 
 
-def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 64) -> list[int]:
+def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 64,
+                     rules: Rules = RULES) -> list[int]:
   spec = MeshSpec.parse(spec)
   arrays = _abstract_arrays(config)
   entries = config.attention.partition_entries()
@@ -327,7 +347,7 @@ def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 
     sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
     try:
       for path, shape, axes in arrays:
-        logical_to_spec(axes, shape, mesh_axis_sizes=sizes, what=path)
+        logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
     except ValueError:
       continue
     good.append(tp)

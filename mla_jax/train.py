@@ -88,36 +88,37 @@ def init_state(params, tx: optax.GradientTransformation) -> dict:
   return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def state_shardings(state: dict, mesh) -> dict:
+def state_shardings(state: dict, mesh, rules=sharding.RULES) -> dict:
   """Every leaf of the train state placed by its logical axes (the optimizer's
   moments inherit their parameter's names; counters are replicated)."""
   def one(x):
     if isinstance(x, nnx.State) or isinstance(x, nnx.Variable):
-      return sharding.state_shardings(x, mesh)
+      return sharding.state_shardings(x, mesh, rules)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
 
 
-def create_state(config: ModelConfig, tc: TrainConfig, mesh) -> tuple[Any, dict, Any]:
+def create_state(config: ModelConfig, tc: TrainConfig, mesh,
+                 rules=sharding.RULES) -> tuple[Any, dict, Any]:
   """(graphdef, train state placed on `mesh`, its shardings). Initialised inside
   jit with output shardings, so no device ever holds the whole model."""
   tx = make_optimizer(tc)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(tc.seed)))
   graphdef, abstract_params = split_model(abstract)
   abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-  shardings = state_shardings(abstract_state, mesh)
+  shardings = state_shardings(abstract_state, mesh, rules)
 
   def init():
     _, params = split_model(Transformer(config, rngs=nnx.Rngs(tc.seed)))
     return init_state(params, tx)
 
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=shardings)()
   return graphdef, state, shardings
 
 
-def make_train_step(graphdef, tc: TrainConfig, shardings, mesh):
+def make_train_step(graphdef, tc: TrainConfig, shardings, mesh, rules=sharding.RULES):
   """jit(state, tokens [B, L+1]) -> (state, metrics); the state is donated."""
   tx = make_optimizer(tc)
   schedule = learning_rate_schedule(tc)
@@ -150,18 +151,18 @@ def make_train_step(graphdef, tc: TrainConfig, shardings, mesh):
                "param_norm": optax.tree.norm(new_params)}
     return new_state, metrics
 
-  batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), strict=False)
+  batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules=rules, strict=False)
   jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None))
 
   def run(state, tokens):
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, rules):
       return jitted(state, tokens)
 
   return run
 
 
-def make_eval_step(graphdef, mesh):
+def make_eval_step(graphdef, mesh, rules=sharding.RULES):
   """jit(params, tokens) -> (summed token loss, token count)."""
 
   def step(params, tokens):
@@ -173,7 +174,7 @@ def make_eval_step(graphdef, mesh):
   jitted = jax.jit(step)
 
   def run(params, tokens):
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, rules):
       return jitted(params, tokens)
 
   return run
@@ -200,8 +201,9 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -225,10 +227,14 @@ class Checkpoints:
     return restored["state"], dict(restored["data"]), dict(restored["meta"])
 
   def restore_as_saved(self, step: int | None = None) -> dict:
-    """The train state as saved (no target shardings): for inspection and tests."""
+    """The train state on this process's first device, whatever topology wrote
+    it: for inspection and tests."""
     args = self._ocp.args
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=args.Composite(state=args.StandardRestore()))["state"]
+    meta = self.manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))["state"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

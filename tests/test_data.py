@@ -120,51 +120,52 @@ def corpus(tmp_path_factory):
   return builders.prepare(builders.tinystories_builder(str(root / "cache"), str(root / "train.txt")))
 
 
-def _take(dataset, n):
-  it = iter(dataset)
+def _take(it, n):
   return [next(it)["tokens"] for _ in range(n)]
 
 
-def test_packed_batches_are_the_documents_concatenated(corpus, spm):
-  seq = 16
-  batches = _take(pipeline.packed_batches(corpus["train"], spm, seq_len=seq, batch_size=4,
-                                          shuffle=False, repeat=False), 3)
-  assert all(b.shape == (4, seq + 1) and b.dtype == np.int32 for b in batches)
-  stream = np.concatenate([b.reshape(-1) for b in batches])
-  expected = np.concatenate([spm.encode(t) + [spm.eos_id] for t in texts(corpus["train"])])
-  np.testing.assert_array_equal(stream, expected[:len(stream)])
+def test_each_row_packs_its_own_documents(corpus, spm):
+  seq, B = 16, 4
+  batches = _take(pipeline.PackedBatches(corpus["train"], spm, seq_len=seq, batch_size=B,
+                                         shuffle=False, repeat=False), 3)
+  assert all(b.shape == (B, seq + 1) and b.dtype == np.int32 for b in batches)
+  docs = texts(corpus["train"])
+  for r in range(B):
+    stream = np.concatenate([b[r] for b in batches])
+    expected = np.concatenate([spm.encode(t) + [spm.eos_id] for t in docs[r::B]])
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
 
 
 def test_shuffling_is_seeded(corpus, spm):
-  make = lambda seed: _take(pipeline.packed_batches(corpus["train"], spm, seq_len=16, batch_size=4,  # noqa: E731
-                                                    seed=seed), 4)
+  make = lambda seed: _take(pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=4,  # noqa: E731
+                                                   seed=seed), 4)
   a, b, c = make(1), make(1), make(2)
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def test_processes_read_disjoint_shards(corpus, spm):
-  seen = []
-  for rank in range(2):
-    ds = pipeline.packed_batches(corpus["train"], spm, seq_len=1000, batch_size=1, shuffle=False,
-                                 repeat=False, process_index=rank, process_count=2)
-    seen.append(np.concatenate([b["tokens"].reshape(-1) for b in ds]))
-  eos = spm.eos_id
-  docs = [tuple(d) for s in seen for d in np.split(s, np.where(s == eos)[0] + 1) if len(d)]
-  assert len(set(docs)) == len(docs)          # no document read by both processes
+def test_processes_feed_their_rows_of_the_same_global_batch(corpus, spm):
+  whole = _take(pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=4, seed=5), 5)
+  parts = [_take(pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=4, seed=5,
+                                        rows=pipeline.process_rows(4, p, 2)), 5) for p in range(2)]
+  for step in range(5):
+    np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), whole[step])
+  with pytest.raises(ValueError, match="does not split over 3 processes"):
+    pipeline.process_rows(4, 0, 3)
 
 
 def test_iterator_state_resumes_exactly(corpus, spm):
-  ds = pipeline.packed_batches(corpus["train"], spm, seq_len=16, batch_size=4, seed=3)
-  it = iter(ds)
-  for _ in range(7):
-    next(it)
+  make = lambda: pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=4, seed=3)  # noqa: E731
+  it = make()
+  _take(it, 7)
   state = json.loads(json.dumps(it.get_state()))      # what a checkpoint stores
-  expected = [next(it)["tokens"] for _ in range(5)]
-  again = iter(ds)
+  expected = _take(it, 5)
+  again = make()
   again.set_state(state)
-  got = [next(again)["tokens"] for _ in range(5)]
+  got = _take(again, 5)
   assert all(np.array_equal(x, y) for x, y in zip(got, expected))
+  with pytest.raises(ValueError, match="same global batch size"):
+    pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=2).set_state(state)
 
 
 def test_fixed_batches_are_fixed(corpus, spm):

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from helpers import small_config
+from runner_helpers import final_params, run_cmd, story_file, train_cmd, train_losses  # noqa: F401
 from mla_jax import sharding
 from mla_jax import train as T
 
@@ -104,70 +105,30 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
 # ----------------------------------------------------------------------------- the runner
 
 
-@pytest.fixture(scope="module")
-def story_file(tmp_path_factory):
-  root = tmp_path_factory.mktemp("stories")
-  rng = np.random.default_rng(0)
-  names, things = ["Tom", "Lily", "Sam", "Mia", "Ben"], ["ball", "kite", "cat", "dog", "cake", "box"]
-  with open(root / "train.txt", "w") as f:
-    for _ in range(1500):
-      n, t = rng.choice(names), rng.choice(things)
-      f.write(f"{n} had a {t}. One day the {t} was lost. {n} looked for the {t} and found it.\n"
-              "<|endoftext|>\n")
-  return root
-
-
-def _cmd(story_file, out, *extra):
-  return [sys.executable, "-m", "experiments.run", "--mode=train", "--data=tinystories",
-          f"--tinystories_train={story_file / 'train.txt'}", f"--data_dir={story_file / 'cache'}",
-          f"--output_dir={out}", "--vocab_size=300", "--d_model=32", "--num_heads=2", "--head_dim=16",
-          "--q_lora_rank=16", "--kv_lora_rank=16", "--rope_head_dim=8", "--mlp_dim=64",
-          "--variant=mlra4", "--batch_size=4", "--seq_len=32", "--warmup_steps=2", "--eval_every=10",
-          "--eval_batches=2", "--eval_batch_size=4", "--max_new_tokens=8", "--noprogress", *extra]
-
-
-def _run(cmd, **kw):
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
-
-
-def _train_losses(run_dir):
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
-
-
-def _final_params(run_dir):
-  ckpt = T.Checkpoints(os.path.join(run_dir, "checkpoints"), async_save=False)
-  step = ckpt.latest_step()
-  restored = ckpt.restore_as_saved(step)
-  ckpt.close()
-  flat = jax.tree_util.tree_flatten_with_path(restored["params"])[0]
-  return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
-
-
 def test_resume_after_sigkill_is_exact(story_file, tmp_path):
   steps = ["--steps=24", "--ckpt_every=6"]
-  whole = _run(_cmd(story_file, tmp_path / "whole", *steps))
+  whole = run_cmd(train_cmd(story_file, tmp_path / "whole", *steps))
   assert whole.returncode == 0, whole.stderr
   assert "data: built" in whole.stdout or "data: reused" in whole.stdout
 
   killed_dir = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(story_file, killed_dir, *steps), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(train_cmd(story_file, killed_dir, *steps), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   metrics = killed_dir / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline:
-    if metrics.exists() and len(_train_losses(killed_dir)) >= 14:
+    if metrics.exists() and len(train_losses(killed_dir)) >= 14:
       break
     time.sleep(0.05)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
-  assert len(_train_losses(killed_dir)) < 24, "the run finished before it could be killed"
-  again = _run(_cmd(story_file, killed_dir, *steps))
+  assert len(train_losses(killed_dir)) < 24, "the run finished before it could be killed"
+  again = run_cmd(train_cmd(story_file, killed_dir, *steps))
   assert again.returncode == 0, again.stderr
   assert "resumed from step" in again.stdout
 
-  assert _train_losses(killed_dir) == _train_losses(tmp_path / "whole")    # every step, bitwise
-  (s1, a), (s2, b) = _final_params(tmp_path / "whole"), _final_params(killed_dir)
+  assert train_losses(killed_dir) == train_losses(tmp_path / "whole")    # every step, bitwise
+  (s1, a), (s2, b) = final_params(tmp_path / "whole"), final_params(killed_dir)
   assert s1 == s2 == 24
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -177,14 +138,14 @@ def test_kill_during_checkpoint_saves_keeps_a_restorable_checkpoint(story_file, 
   """Checkpoint every step, asynchronously, and SIGKILL at moments when a save is
   in flight: the latest finished checkpoint must restore and the run must finish."""
   run_dir = tmp_path / "run"
-  cmd = _cmd(story_file, run_dir, "--steps=60", "--ckpt_every=1", "--keep_checkpoints=2")
+  cmd = train_cmd(story_file, run_dir, "--steps=60", "--ckpt_every=1", "--keep_checkpoints=2")
   caught_mid_save = False
   for delay in (0.0, 0.01, 0.03, 0.05, 0.08):
-    before = len(_train_losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+    before = len(train_losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-      if (run_dir / "metrics.jsonl").exists() and len(_train_losses(run_dir)) >= before + 3:
+      if (run_dir / "metrics.jsonl").exists() and len(train_losses(run_dir)) >= before + 3:
         break
       time.sleep(0.005)
     time.sleep(delay)
@@ -201,9 +162,9 @@ def test_kill_during_checkpoint_saves_keeps_a_restorable_checkpoint(story_file, 
     if caught_mid_save:
       break
   assert caught_mid_save, "no kill landed during a save; the test proved nothing"
-  done = _run(cmd)
+  done = run_cmd(cmd)
   assert done.returncode == 0, done.stderr
-  assert _final_params(run_dir)[0] == 60
+  assert final_params(run_dir)[0] == 60
 
 
 def _error_line(result):
@@ -214,29 +175,29 @@ def _error_line(result):
 
 def test_bad_input_is_one_line_and_loses_nothing(story_file, tmp_path):
   run_dir = tmp_path / "run"
-  ok = _run(_cmd(story_file, run_dir, "--steps=4", "--ckpt_every=2"))
+  ok = run_cmd(train_cmd(story_file, run_dir, "--steps=4", "--ckpt_every=2"))
   assert ok.returncode == 0, ok.stderr
   before = sorted(os.listdir(run_dir / "checkpoints"))
 
-  line = _error_line(_run(_cmd(story_file, run_dir, "--steps=8", "--d_model=64")))
+  line = _error_line(run_cmd(train_cmd(story_file, run_dir, "--steps=8", "--d_model=64")))
   assert line.startswith("error:") and "holds checkpoints of a different model (d_model: saved 32, now 64)" in line
   assert sorted(os.listdir(run_dir / "checkpoints")) == before
 
-  assert "Unknown command line flag 'bogus'" in _error_line(_run(_cmd(story_file, run_dir, "--bogus=3")))
-  assert "unknown --variant='abc'" in _error_line(_run(_cmd(story_file, run_dir, "--variant=abc")))
+  assert "Unknown command line flag 'bogus'" in _error_line(run_cmd(train_cmd(story_file, run_dir, "--bogus=3")))
+  assert "unknown --variant='abc'" in _error_line(run_cmd(train_cmd(story_file, run_dir, "--variant=abc")))
   missing = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/none.txt"
-             for a in _cmd(story_file, tmp_path / "r2")]
-  assert "matches no .txt or .json file" in _error_line(_run(missing))
+             for a in train_cmd(story_file, tmp_path / "r2")]
+  assert "matches no .txt or .json file" in _error_line(run_cmd(missing))
   (tmp_path / "empty.txt").write_text("")
   empty = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/empty.txt"
-           for a in _cmd(story_file, tmp_path / "r3")]
-  assert "no stories found" in _error_line(_run(empty))
+           for a in train_cmd(story_file, tmp_path / "r3")]
+  assert "no stories found" in _error_line(run_cmd(empty))
   assert sorted(os.listdir(run_dir / "checkpoints")) == before
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(story_file, tmp_path):
   run_dir = tmp_path / "nan"
-  out = _run(_cmd(story_file, run_dir, "--steps=40", "--ckpt_every=1", "--learning_rate=1e5",
+  out = run_cmd(train_cmd(story_file, run_dir, "--steps=40", "--ckpt_every=1", "--learning_rate=1e5",
                   "--grad_clip=0", "--warmup_steps=0"))
   line = _error_line(out)
   assert any(f"{what} at step" in line for what in
@@ -258,13 +219,13 @@ def test_quickstart_flagfile_builds_then_reuses(tmp_path):
          f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'run'}", "--steps=6",
          "--warmup_steps=2", "--eval_every=3", "--ckpt_every=3", "--num_train_stories=3000",
          "--num_valid_stories=200", "--max_new_tokens=10", "--noprogress"]
-  first = _run(cmd)
+  first = run_cmd(cmd)
   assert first.returncode == 0, first.stderr
   assert "data: built synthetic_stories" in first.stdout
   assert "tokenizer: trained SentencePiece, 2048 tokens" in first.stdout
   assert "sample: Once upon a time" in first.stdout
   assert os.path.exists(tmp_path / "run" / "loss_curve.png")
-  second = _run(cmd)
+  second = run_cmd(cmd)
   assert second.returncode == 0, second.stderr
   assert "data: reused" in second.stdout and "tokenizer: reused" in second.stdout
   assert "resumed from step 6" in second.stdout and "validation loss" in second.stdout

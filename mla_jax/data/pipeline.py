@@ -1,8 +1,15 @@
-"""The grain input pipeline: documents -> tokens -> packed fixed-length
-sequences -> batches, shuffled by seed, sharded by process, prefetched.
+"""The grain input pipeline: documents -> tokens -> packed fixed-length windows
+-> batches, shuffled by seed, sharded by process, prefetched.
 
-The iterator's state (`get_state` / `set_state`) goes into every checkpoint, so
-a resumed run sees exactly the batches an uninterrupted one would have.
+Each row of the global batch is its own document stream: row r of every batch
+packs documents r, r + B, r + 2B, ... of one seeded shuffle (B = global batch
+size), so
+* a process reads and tokenises only the documents of the rows it owns;
+* the global batch is the same whatever the number of processes (a run can
+  resume on another topology, and 2 processes x 2 devices train exactly like
+  1 process x 4 devices);
+* the iterator state (each row's grain state) goes into every checkpoint, so a
+  resumed run sees exactly the batches an uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -26,31 +33,59 @@ class _Tokenize:
     return {"tokens": np.asarray(ids, np.int32)}
 
 
-def packed_batches(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-                   shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-                   process_count: int = 1, num_threads: int = 2, prefetch: int = 64) -> grain.IterDataset:
-  """Batches of {"tokens": int32 [batch_size, seq_len + 1]}: inputs are [:, :-1],
-  targets [:, 1:]. `batch_size` is this process's share of the global batch."""
-  if len(source) < process_count:
-    raise ValueError(f"{len(source)} documents cannot be shared by {process_count} processes")
-  ds = grain.MapDataset.source(source)[process_index::process_count]   # this process's documents
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat()                     # a fresh shuffle every epoch
-  ds = ds.map(_Tokenize(tokenizer))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-  # Concatenate documents and cut them into windows of seq_len + 1 tokens.
-  it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
-  return it.batch(batch_size, drop_remainder=True)
+def process_rows(batch_size: int, process_index: int, process_count: int) -> range:
+  """The contiguous rows of the global batch that one process feeds."""
+  if batch_size % process_count:
+    raise ValueError(f"a global batch of {batch_size} does not split over {process_count} "
+                     "processes; use a multiple")
+  per = batch_size // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+class PackedBatches:
+  """Iterator of {"tokens": int32 [len(rows), seq_len + 1]} (inputs [:, :-1],
+  targets [:, 1:]) for the `rows` of a global batch of `batch_size`."""
+
+  def __init__(self, source, tokenizer, *, seq_len: int, batch_size: int, rows=None, seed: int = 0,
+               shuffle: bool = True, repeat: bool = True, prefetch: int = 4):
+    if len(source) == 0:
+      raise ValueError("the dataset split is empty")
+    self.rows = range(batch_size) if rows is None else rows
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    if repeat:
+      ds = ds.repeat()                   # a fresh shuffle every epoch
+    self._streams = []
+    for r in self.rows:
+      row = ds[r::batch_size].map(_Tokenize(tokenizer))
+      it = row.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+      # Concatenate the row's documents and cut them into windows of seq_len + 1.
+      self._streams.append(iter(ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return {"tokens": np.stack([next(s)["tokens"] for s in self._streams])}
+
+  def get_state(self) -> dict:
+    return {"rows": [s.get_state() for s in self._streams]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state["rows"]) != len(self._streams):
+      raise ValueError(f"the checkpoint's data state has {len(state['rows'])} rows, this process "
+                       f"reads {len(self._streams)}: resume with the same global batch size")
+    for s, st in zip(self._streams, state["rows"]):
+      s.set_state(st)
 
 
 def fixed_batches(source, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
-                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
-  """The first `num_batches` packed batches of a split, unshuffled: the same
-  evaluation set every time (fewer if the split is shorter)."""
-  it = iter(packed_batches(source, tokenizer, seq_len=seq_len, batch_size=batch_size, shuffle=False,
-                           repeat=False, process_index=process_index, process_count=process_count))
+                  rows=None) -> list[np.ndarray]:
+  """The first `num_batches` batches of a split, unshuffled: the same evaluation
+  set every time and on every topology (fewer if the split runs out)."""
+  it = PackedBatches(source, tokenizer, seq_len=seq_len, batch_size=batch_size, rows=rows,
+                     shuffle=False, repeat=False)
   out = []
   for batch in it:
     out.append(batch["tokens"])
