@@ -11,6 +11,9 @@ Modes:
   kv_report    for every variant of a model family: parameters, cache per token,
                and the per-device cache at each TP degree measured on arrays
                placed on a simulated mesh. Table, CSV and bar chart.
+  decode_traffic  the same rows plus, from one block's compiled sharded decode
+               step at each TP degree: the cache and weight bytes each device
+               takes in, XLA's bytes accessed, and the collectives in the HLO.
   params       parameter counts and cache sizes of every named preset.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 from absl import app, flags, logging
 
-MODES = ("train", "eval", "generate", "bench_train", "kv_report", "params")
+MODES = ("train", "eval", "generate", "bench_train", "kv_report", "decode_traffic", "params")
 ALL_VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa")
 
 # ---- what to run
@@ -116,9 +119,9 @@ flags.DEFINE_enum("family", "flags", ["flags", "paper", "study"],
                   "kv_report: which models to compare. paper/study: the presets of the MLRA paper "
                   "or the small-model study; flags: every --variants entry built from the model flags.")
 flags.DEFINE_list("variants", list(ALL_VARIANTS), "kv_report with --family=flags: the variants.")
-flags.DEFINE_list("tps", ["1", "2", "4", "8"], "kv_report: tensor-parallel degrees.")
-flags.DEFINE_integer("batch", 1, "kv_report: batch size for the whole-cache figures.")
-flags.DEFINE_integer("context", 2048, "kv_report: context length for the whole-cache figures.")
+flags.DEFINE_list("tps", ["1", "2", "4", "8"], "kv_report, decode_traffic: tensor-parallel degrees.")
+flags.DEFINE_integer("batch", 1, "kv_report, decode_traffic: batch size.")
+flags.DEFINE_integer("context", 2048, "kv_report, decode_traffic: context length (cache slots).")
 
 FLAGS = flags.FLAGS
 
@@ -264,18 +267,24 @@ def run_bench_train() -> None:
         f"timed steps after {FLAGS.bench_warmup} warm-up)")
 
 
-def run_kv_report(tps) -> None:
+def run_kv_report(tps, compiled: bool) -> None:
   import jax.numpy as jnp
   from mla_jax import cache_report
   configs = family_configs()
   cache_report.check_devices(tps)
   first = next(iter(configs.values()))
   report = cache_report.rows(configs, tps=tps, batch=FLAGS.batch, context=FLAGS.context,
-                             cache_dtype=jnp.dtype(FLAGS.cache_dtype))
+                             cache_dtype=jnp.dtype(FLAGS.cache_dtype), compiled=compiled,
+                             decode_impl=FLAGS.decode_impl)
   title = (f"{FLAGS.family}: d_model {first.d_model}, {first.num_layers} layers, "
            f"{first.attention.num_heads} heads; {FLAGS.cache_dtype} cache")
-  cache_report.write(report, FLAGS.output_dir, name=f"kv_report_{FLAGS.family}", batch=FLAGS.batch,
-                     context=FLAGS.context, layers=first.num_layers, title=title)
+  if compiled:
+    cache_report.write_traffic(report, FLAGS.output_dir, name=f"decode_traffic_{FLAGS.family}",
+                               batch=FLAGS.batch, context=FLAGS.context, decode_impl=FLAGS.decode_impl,
+                               title=title + f", {FLAGS.decode_impl} decode")
+  else:
+    cache_report.write(report, FLAGS.output_dir, name=f"kv_report_{FLAGS.family}", batch=FLAGS.batch,
+                       context=FLAGS.context, layers=first.num_layers, title=title)
 
 
 def start_distributed():
@@ -308,13 +317,13 @@ def main(argv):
     if FLAGS.mode == "params":
       from mla_jax import presets
       presets.main()
-    elif FLAGS.mode == "kv_report":
+    elif FLAGS.mode in ("kv_report", "decode_traffic"):
       tps = _parse_tps()
       # The report lays caches out on simulated CPU devices; JAX reads this when it starts.
       if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(tps)}").strip()
-      run_kv_report(tps)
+      run_kv_report(tps, compiled=FLAGS.mode == "decode_traffic")
     elif FLAGS.mode == "train":
       start_distributed()
       run_train()

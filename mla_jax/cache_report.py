@@ -1,9 +1,17 @@
-"""KV-cache report: parameters, cache per token, and the per-device cache at each
-TP degree measured from arrays actually placed on a (simulated) mesh.
+"""KV-cache report and decode-traffic report, one code path.
 
-`rows()` does the measuring; `write()` prints the table and writes the CSV and
-the bar chart. `experiments.run --mode=kv_report` drives it, and the decode
-traffic report adds compiled-program figures to the same rows.
+`rows()` measures, per variant and TP degree: parameters, cache per token, and
+the per-device cache measured from arrays actually placed on a (simulated)
+mesh. With `compiled=True` it also compiles one Transformer block's sharded
+decode step and reads, from the compiled program: the cache and weight bytes
+each device takes in (its input shardings applied to the global shapes), XLA's
+total bytes accessed, and every collective in the HLO. `write()` prints the
+table and writes the CSV and the chart. `experiments.run --mode=kv_report` and
+`--mode=decode_traffic` drive it.
+
+On the CPU, XLA's "bytes accessed" counts every unfused intermediate (scores,
+softmax passes, the cache write) as well as the inputs, so it is several times
+the cache; the cache bytes themselves come from the input shardings.
 """
 from __future__ import annotations
 
@@ -14,8 +22,9 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mla_jax import sharding
+from mla_jax import compat, hlo, sharding
 from mla_jax.config import ModelConfig
 from mla_jax.model import count_params
 
@@ -34,6 +43,14 @@ class Row:
   per_device_dh: float | None = None     # the same in units of d_h = d_model / num_heads
   per_device_bytes_total: int | None = None           # all layers, the given batch and context
   note: str = ""                         # why there is no layout at this TP degree
+  # ---- from the compiled decode step of one block (decode_traffic), per device
+  step_cache_bytes: int | None = None    # KV cache the step takes in
+  step_cache_dh: float | None = None     # the same per token, in units of d_h
+  step_weight_bytes: int | None = None   # the block's weights the step takes in
+  step_bytes_accessed: int | None = None  # XLA's cost analysis (counts intermediates too)
+  step_collective_bytes: int | None = None
+  step_collective_dh: float | None = None  # collective elements per token, in units of d_h
+  step_collectives: str = ""             # e.g. "all-reduce x2"
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -45,9 +62,11 @@ def head_unit(config: ModelConfig) -> int:
 
 
 def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8), batch: int = 1,
-         context: int = 2048, cache_dtype=jnp.bfloat16, devices=None) -> list[Row]:
+         context: int = 2048, cache_dtype=jnp.bfloat16, devices=None, compiled: bool = False,
+         decode_impl: str = "absorbed") -> list[Row]:
   """One row per (variant, TP degree). Per-device figures come from one layer's
-  cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices)."""
+  cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices);
+  with `compiled`, also from one block's compiled decode step at `batch` x `context`."""
   devices = list(jax.devices("cpu") if devices is None else devices)
   itemsize = jnp.dtype(cache_dtype).itemsize
   out = []
@@ -77,8 +96,70 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
       row.per_device_elements_per_token = elements
       row.per_device_dh = elements / head_unit(config)
       row.per_device_bytes_total = elements * itemsize * config.num_layers * batch * context
+      if compiled:
+        _add_compiled(row, config, mesh, batch=batch, context=context, cache_dtype=cache_dtype,
+                      decode_impl=decode_impl)
       out.append(row)
   return out
+
+
+def _shard_bytes(abstract, shardings) -> int:
+  total = 0
+  for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shape = s.shard_shape(x.shape)
+    total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int, cache_dtype,
+                         decode_impl: str = "absorbed"):
+  """Lower and compile one Transformer block's decode step on `mesh` from
+  abstract, sharded inputs (nothing is allocated: paper-size layers fit).
+  Returns (compiled, abstract inputs)."""
+  from flax import nnx
+
+  from mla_jax.attention.base import cache_axes, init_cache
+  from mla_jax.model import Block
+  block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(block)
+  state_sh = sharding.state_shardings(state, mesh)
+  params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sh)
+  cache_shapes = jax.eval_shape(lambda: init_cache(config.attention, batch, context, cache_dtype))
+  axes = cache_axes(config.attention)
+  cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named_sharding(
+      mesh, axes[k], v.shape, what=f"cache/{k}")) for k, v in cache_shapes.items()}
+  x = jax.ShapeDtypeStruct((batch, 1, config.d_model), config.compute_dtype,
+                           sharding=sharding.named_sharding(mesh, ("batch", "length", "act_embed"),
+                                                            (batch, 1, config.d_model), strict=False))
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.named_sharding(
+      mesh, ("batch",), (batch,), strict=False))
+
+  def step(state, x, cache, lengths):
+    return nnx.merge(graphdef, state).decode(x, cache, lengths, decode_impl)
+
+  with sharding.use_mesh(mesh):
+    compiled = jax.jit(step, donate_argnums=(2,)).lower(params, x, cache, lengths).compile()
+  return compiled, (params, x, cache, lengths)
+
+
+def _add_compiled(row: Row, config: ModelConfig, mesh, *, batch, context, cache_dtype, decode_impl):
+  compiled, (params, x, cache, lengths) = compile_block_decode(
+      config, mesh, batch=batch, context=context, cache_dtype=cache_dtype, decode_impl=decode_impl)
+  in_sh = compiled.input_shardings[0]          # as compiled: (state, x, cache, lengths)
+  unit = head_unit(config)
+  local_batch = batch // sharding.axis_sizes(mesh)["data"] // sharding.axis_sizes(mesh)["fsdp"] or 1
+  row.step_cache_bytes = _shard_bytes(cache, in_sh[2])
+  row.step_cache_dh = row.step_cache_bytes / jnp.dtype(cache_dtype).itemsize / (local_batch * context) / unit
+  row.step_weight_bytes = _shard_bytes(params, in_sh[0])
+  row.step_bytes_accessed = int(compat.cost_analysis(compiled).get("bytes accessed", 0))
+  colls = hlo.collectives(compiled.as_text())
+  row.step_collective_bytes = sum(c.bytes for c in colls)
+  elements = sum(c.bytes // max(1, hlo.dtype_bytes(c)) for c in colls)
+  row.step_collective_dh = elements / local_batch / unit
+  counts: dict[str, int] = {}
+  for c in colls:
+    counts[c.op] = counts.get(c.op, 0) + 1
+  row.step_collectives = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -117,6 +198,79 @@ def table(report: Sequence[Row], *, batch: int, context: int, layers: int) -> st
   if notes:
     lines += ["", "n/a:"] + [f"  {n}" for n in notes]
   return "\n".join(lines)
+
+
+def traffic_table(report: Sequence[Row], *, batch: int, context: int, decode_impl: str) -> str:
+  """One line per (variant, TP): what one block's compiled decode step moves, per device."""
+  w = max(len("variant"), *(len(r.variant) for r in report)) + 1
+  head = (f"{'variant':<{w}} {'TP':>3} {'mesh':>5} {'cache d_h/tok':>13} {'cache/dev':>10} "
+          f"{'weights/dev':>11} {'XLA bytes':>10} {'coll. d_h/tok':>13} {'coll./dev':>10}  collectives")
+  lines = [f"Decode traffic of one Transformer block, per device per decode step ({decode_impl} decode, "
+           f"batch {batch}, context {context}), read from the compiled programs", head, "-" * len(head)]
+  for r in report:
+    if r.step_cache_bytes is None:
+      lines.append(f"{r.variant:<{w}} {r.tp:>3} {'-':>5} {'n/a':>13}  ({r.note.split(': ', 1)[-1][:90]})")
+      continue
+    lines.append(f"{r.variant:<{w}} {r.tp:>3} {r.mesh:>5} {r.step_cache_dh:>13.4g} "
+                 f"{_fmt_bytes(r.step_cache_bytes):>10} {_fmt_bytes(r.step_weight_bytes):>11} "
+                 f"{_fmt_bytes(r.step_bytes_accessed):>10} {r.step_collective_dh:>13.4g} "
+                 f"{_fmt_bytes(r.step_collective_bytes):>10}  {r.step_collectives or 'none'}")
+  lines += ["", "cache d_h/tok: KV-cache elements each device reads per token, from the compiled step's "
+            "input shardings; coll. d_h/tok: elements all collectives move per token. XLA bytes: the "
+            "CPU cost analysis, which also counts unfused intermediates (scores, softmax passes, the "
+            "cache update), so it exceeds cache + weights."]
+  return "\n".join(lines)
+
+
+def plot_traffic(report: Sequence[Row], path: str, *, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  tps = sorted({r.tp for r in report})
+  variants = list(dict.fromkeys(r.variant for r in report))
+  by = {(r.variant, r.tp): r for r in report}
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(15, 4.8))
+  width = 0.8 / len(tps)
+  for j, t in enumerate(tps):
+    for ax, field in ((ax0, "step_cache_dh"), (ax1, "step_collective_dh")):
+      xs, ys = [], []
+      for i, v in enumerate(variants):
+        val = getattr(by[(v, t)], field)
+        x = i + (j - (len(tps) - 1) / 2) * width
+        if val is None:
+          ax.text(x, 1.05 if ax is ax0 else 0, "x", ha="center", va="bottom", color="tab:red", fontsize=9)
+        else:
+          xs.append(x)
+          ys.append(val)
+      ax.bar(xs, ys, width=width, label=f"TP {t}", color=f"C{j}")
+  for ax, label in ((ax0, "KV cache read per token, units of d_h"),
+                    (ax1, "collectives per token, units of d_h")):
+    ax.set_xticks(range(len(variants)), variants, rotation=45, ha="right")
+    ax.set_ylabel(label)
+    ax.grid(axis="y", alpha=0.3)
+  ax0.set_yscale("log")
+  top = max((r.step_cache_dh for r in report if r.step_cache_dh), default=1.0)
+  ax0.set_ylim(1.0, top * 2)
+  ax0.set_title("cache each device reads (compiled decode step; x = no layout)")
+  ax1.set_title("what the devices exchange (HLO collectives)")
+  ax0.legend(ncols=len(tps), fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_traffic(report: Sequence[Row], output_dir: str, *, name: str, batch: int, context: int,
+                  decode_impl: str, title: str = "") -> dict[str, str]:
+  os.makedirs(output_dir, exist_ok=True)
+  paths = {"csv": os.path.join(output_dir, f"{name}.csv"), "png": os.path.join(output_dir, f"{name}.png")}
+  write_csv(report, paths["csv"])
+  plot_traffic(report, paths["png"], title=title)
+  print(traffic_table(report, batch=batch, context=context, decode_impl=decode_impl))
+  print(f"\nwrote {paths['csv']} and {paths['png']}")
+  return paths
 
 
 def write_csv(report: Sequence[Row], path: str) -> None:

@@ -41,6 +41,11 @@ def collectives(hlo_text: str) -> list[Collective]:
   return out
 
 
+def dtype_bytes(c: Collective) -> int:
+  """Bytes per element of a collective's (first) result."""
+  return _BYTES.get(c.shapes[0][0], 4) if c.shapes else 4
+
+
 def summarize(colls: list[Collective]) -> dict[str, int]:
   """op -> total result bytes."""
   total: dict[str, int] = {}

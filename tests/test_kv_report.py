@@ -96,3 +96,53 @@ def test_kv_report_bad_flags(args, msg, tmp_path):
   assert out.returncode == 2
   assert msg in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ decode traffic (compiled)
+
+
+@pytest.fixture(scope="module")
+def traffic():
+  configs = {v: presets.mlra_paper(v) for v in ("mla", "mlra4", "gqa")}
+  report = cache_report.rows(configs, tps=TPS, batch=1, context=256, compiled=True)
+  return {(r.variant, r.tp): r for r in report}
+
+
+def test_compiled_decode_reads_the_papers_cache_per_device(traffic):
+  """From the compiled programs: MLA reads its whole 4.5 d_h cache on every device at
+  every TP; MLRA-4 reads 4.5 / 2.5 / 1.5 / 1.5 d_h at TP 1 / 2 / 4 / 8."""
+  for tp, mla, mlra4 in zip(TPS, EXPECTED["mla"], EXPECTED["mlra4"]):
+    assert traffic[("mla", tp)].step_cache_dh == pytest.approx(mla)
+    assert traffic[("mlra4", tp)].step_cache_dh == pytest.approx(mlra4)
+    # the compiled step and the placed arrays agree
+    assert traffic[("mlra4", tp)].step_cache_dh == pytest.approx(traffic[("mlra4", tp)].per_device_dh)
+  assert traffic[("mlra4", 4)].step_cache_bytes == (128 + 64) * 2 * 256     # bf16, batch 1, 256 slots
+
+
+def test_compiled_decode_collectives(traffic):
+  for v in ("mla", "mlra4"):
+    one = traffic[(v, 1)]
+    assert one.step_collective_bytes == 0 and one.step_collectives == ""
+    for tp in TPS[1:]:
+      r = traffic[(v, tp)]
+      assert "all-reduce" in r.step_collectives and r.step_collective_bytes > 0
+      # partial outputs of d_model = 24 d_h are summed (attention and MLP); nothing cache-sized moves
+      assert 48 <= r.step_collective_dh < 100
+  # sharding weights over more devices means fewer weight bytes on each
+  w = [traffic[("mlra4", tp)].step_weight_bytes for tp in TPS]
+  assert w == sorted(w, reverse=True)
+  assert traffic[("gqa", 4)].step_cache_bytes is None and "6 KV heads" in traffic[("gqa", 4)].note
+
+
+def test_decode_traffic_command(tmp_path):
+  out = _run("--mode=decode_traffic", "--family=flags", "--variants=mla,mlra4", "--tps=1,4",
+             "--d_model=64", "--num_heads=4", "--head_dim=16", "--kv_lora_rank=32", "--rope_head_dim=8",
+             "--q_lora_rank=32", "--mlp_dim=128", "--context=64", f"--output_dir={tmp_path}")
+  assert out.returncode == 0, out.stderr
+  assert "Decode traffic of one Transformer block" in out.stdout
+  with open(tmp_path / "decode_traffic_flags.csv") as f:
+    rows = {(r["variant"], r["tp"]): r for r in csv.DictReader(f)}
+  # mlra4 at TP 4 here: one 8-wide block + the 8-wide rope key = 16 elements = 1 d_h of 16
+  assert float(rows[("mlra4", "4")]["step_cache_dh"]) == pytest.approx(1.0)
+  assert float(rows[("mla", "4")]["step_cache_dh"]) == pytest.approx(2.5)
+  assert os.path.exists(tmp_path / "decode_traffic_flags.png")
