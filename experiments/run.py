@@ -69,6 +69,12 @@ flags.DEFINE_integer("mfa_head_dim", None, "MFA head width C (default 2 * head_d
 flags.DEFINE_integer("mfa_q_rank", None, "MFA query latent width C_q (default q_lora_rank, or d_model / 2).")
 flags.DEFINE_integer("max_seq_len", 2048, "Longest sequence (the GPT-2 position table).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay fp32).")
+flags.DEFINE_bool("scan_layers", False, "Stack the layers and lax.scan over them (compile time flat in depth).")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
+                  "Recompute activations in the backward pass (jax.checkpoint policy).")
+flags.DEFINE_enum("attention_impl", "einsum", ["einsum", "dpa"],
+                  "Training attention: our einsums, or jax.nn.dot_product_attention (cuDNN on GPUs) "
+                  "where the variant's shapes allow.")
 
 # ---- data
 flags.DEFINE_enum("data", "synthetic_stories", ["synthetic_stories", "tinystories"], "Dataset.")
@@ -129,8 +135,10 @@ FLAGS = flags.FLAGS
 def model_config_from_flags(variant: str | None = None):
   """A ModelConfig from the model flags (or --preset), for `variant` (default --variant)."""
   from mla_jax import ModelConfig, attention_config, presets
+  runtime = dict(dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers, remat=FLAGS.remat,
+                 attention_impl=FLAGS.attention_impl)
   if FLAGS.preset and variant is None:
-    return presets.get(FLAGS.preset).replace(dtype=FLAGS.dtype)
+    return presets.get(FLAGS.preset).replace(**runtime)
   v = variant or FLAGS.variant
   if v not in ALL_VARIANTS:
     raise ValueError(f"unknown --variant={v!r}; choose one of {', '.join(ALL_VARIANTS)}")
@@ -153,7 +161,7 @@ def model_config_from_flags(variant: str | None = None):
   attention = attention_config(v, num_heads=FLAGS.num_heads, **kw)
   return ModelConfig(flavour=FLAGS.flavour, vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model,
                      num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim, max_seq_len=FLAGS.max_seq_len,
-                     dtype=FLAGS.dtype, attention=attention)
+                     attention=attention, **runtime)
 
 
 def train_config_from_flags():

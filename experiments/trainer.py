@@ -235,7 +235,10 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
   if step is None:
     return None
   saved = ckpt.read_meta(step)["model_config"]
-  diff = T.config_mismatch(saved, config.to_dict())
+  # how the run executes (compute dtype, remat, attention kernel) may change on resume
+  runtime = set(ModelConfig.RUNTIME_FIELDS)
+  diff = T.config_mismatch({k: v for k, v in saved.items() if k not in runtime},
+                           {k: v for k, v in config.to_dict().items() if k not in runtime})
   if diff:
     raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
                    "pass matching model flags to resume it, or a new --output_dir")
@@ -368,7 +371,7 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default"):
   if step is None:
     raise RunError(f"no finished checkpoint in {ckpt_dir}: train first")
   meta = ckpt.read_meta(step)
-  config = ModelConfig.from_dict(meta["model_config"])
+  config = ModelConfig.from_dict(meta["model_config"]).replace(remat="none")
   tc = T.TrainConfig(**meta["train_config"])
   rules = sharding.rules_preset(rules_name)
   mesh = sharding.make_mesh(mesh_spec, config, rules=rules)

@@ -78,6 +78,11 @@ class AttentionConfig:
   def partition_entries_name(self) -> str:
     return "cache entries"
 
+  def dpa_unsupported(self) -> str | None:
+    """Why jax.nn.dot_product_attention cannot run this variant's training
+    attention (None when it can)."""
+    return None
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -111,8 +116,15 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"
+  scan_layers: bool = False      # stack the layers' weights and lax.scan over them (fast compiles)
+  remat: str = "none"            # recompute in the backward pass: none | full | dots | dots_no_batch
+  attention_impl: str = "einsum"  # training attention: einsum | dpa (jax.nn.dot_product_attention)
 
   FLAVOURS: ClassVar[tuple[str, ...]] = ("llama", "gpt2")
+  REMAT: ClassVar[tuple[str, ...]] = ("none", "full", "dots", "dots_no_batch")
+  ATTENTION_IMPLS: ClassVar[tuple[str, ...]] = ("einsum", "dpa")
+  # How a run executes, not what the model is: may change when a run resumes.
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "remat", "attention_impl")
 
   def __post_init__(self):
     _check(self.flavour in self.FLAVOURS,
@@ -124,7 +136,14 @@ class ModelConfig:
            f"param_dtype {self.param_dtype!r} unknown; choose one of {list(DTYPES)}")
     _check(isinstance(self.attention, AttentionConfig),
            f"attention must be an AttentionConfig, got {type(self.attention).__name__}")
+    _check(self.remat in self.REMAT, f"unknown remat policy {self.remat!r}; choose one of {self.REMAT}")
+    _check(self.attention_impl in self.ATTENTION_IMPLS,
+           f"unknown attention_impl {self.attention_impl!r}; choose one of {self.ATTENTION_IMPLS}")
     self.attention.validate(self.d_model)
+    if self.attention_impl == "dpa":
+      why = self.attention.dpa_unsupported()
+      _check(why is None, f"attention_impl='dpa' cannot run {self.attention.variant}: {why}; "
+             "use attention_impl='einsum'")
 
   @property
   def eps(self) -> float:

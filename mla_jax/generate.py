@@ -110,20 +110,22 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, max_new_tokens, 
   n_out = jnp.ones((batch,), jnp.int32)
 
   def cond(carry):
-    step, _, _, _, done, _, _, _ = carry
+    step, _, _, _, done, _, _, _, _ = carry
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    step, token, cache, lengths, done, out, n_out, rng = carry
-    # `lengths` = tokens already cached = the position of `token`.
-    logits, cache = model.decode_step(token, cache, lengths, decode_impl)
+    step, token, cache, lengths, done, out, n_out, rng, params = carry
+    # `lengths` = tokens already cached = the position of `token`. The weights
+    # ride in the carry (loop-invariant, no copies) so the module is rebuilt from
+    # this trace level's values: NNX transforms (scanned layers) require it.
+    logits, cache = nnx.merge(graphdef, params).decode_step(token, cache, lengths, decode_impl)
     rng, sub = jax.random.split(rng)
     nxt = jnp.where(done, pad_token, sample_logits(logits, sub, sampling))
     out = out.at[:, step].set(nxt)
     n_out = n_out + (~done).astype(jnp.int32)
     done = done | (nxt == stop)
-    return step + 1, nxt, cache, lengths + 1, done, out, n_out, rng
+    return step + 1, nxt, cache, lengths + 1, done, out, n_out, rng, params
 
-  carry = (jnp.int32(1), first, cache, prompt_lengths, done, out, n_out, rng)
-  _, _, _, _, _, out, n_out, _ = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(1), first, cache, prompt_lengths, done, out, n_out, rng, state)
+  _, _, _, _, _, out, n_out, _, _ = jax.lax.while_loop(cond, body, carry)
   return out, n_out

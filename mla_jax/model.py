@@ -7,18 +7,23 @@
 Three entry points share the layers: `__call__` (training forward), `prefill`
 (forward over a prompt batch that fills a preallocated cache) and `decode_step`
 (one token per sequence, per-sequence lengths, fixed shapes: jit once, loop).
+
+With `scan_layers` the layers' weights are stacked on a leading `layers` axis
+and every entry point runs one `lax.scan` over them (the cache is stacked the
+same way): compile time stops growing with depth. `remat` recomputes each
+layer's activations in the backward pass under a `jax.checkpoint` policy.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat
-from mla_jax.attention.base import Cache, check_decode_impl
+from mla_jax.attention.base import cache_axes, check_decode_impl, init_cache
 from mla_jax.config import ModelConfig, _registry
 from mla_jax.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, param
 from mla_jax.sharding import constrain
@@ -40,7 +45,8 @@ class Block(nnx.Module):
     common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
                   init_std=config.init_std, out_std=out_std)
     self.attn_norm = _norm(config)
-    self.attn = attn_cls(config.attention, d_model=config.d_model, **common)
+    self.attn = attn_cls(config.attention, d_model=config.d_model, attention_impl=config.attention_impl,
+                         **common)
     self.mlp_norm = _norm(config)
     mlp_cls = SwiGLU if config.flavour == "llama" else GeluMLP
     self.mlp = mlp_cls(config.d_model, config.mlp_dim, **common)
@@ -60,6 +66,13 @@ class Block(nnx.Module):
     return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
 
 
+REMAT_POLICIES = {
+    "full": None,                                                   # save nothing
+    "dots": jax.checkpoint_policies.dots_saveable,                  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -69,8 +82,23 @@ class Transformer(nnx.Module):
     if config.flavour == "gpt2":
       self.pos_embed = param(rngs, (config.max_seq_len, config.d_model), ("positions", "embed"),
                              std=config.init_std, dtype=wdt)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.scan_layers:
+      @nnx.split_rngs(splits=config.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked(rngs):
+        return Block(config, rngs=rngs)
+      self.layers = stacked(rngs)
+    else:
+      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = _norm(config)
+
+  def _layer_fn(self, positions):
+    """One layer's training forward, rematerialised if the config asks."""
+    def fn(block, x):
+      return block(x, positions)
+    if self.config.remat != "none":
+      fn = nnx.remat(fn, policy=REMAT_POLICIES[self.config.remat], prevent_cse=not self.config.scan_layers)
+    return fn
 
   # ------------------------------------------------------------------ pieces
   def _embed(self, tokens, positions):
@@ -94,42 +122,59 @@ class Transformer(nnx.Module):
     """tokens [B, S] -> fp32 logits [B, S, V] (causal)."""
     positions = self._positions(tokens) if positions is None else positions
     x = self._embed(tokens, positions)
-    for layer in self.layers:
-      x = layer(x, positions)
+    fn = self._layer_fn(positions)
+    if self.config.scan_layers:
+      x = nnx.scan(lambda x, block: fn(block, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+    else:
+      for layer in self.layers:
+        x = fn(layer, x)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Cache]:
-    """One zero cache per layer, each array [batch, max_len, ...]."""
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    """Zero caches of fixed shape [batch, max_len, ...]: one dict per layer, or
+    with scan_layers one dict of arrays stacked [layers, batch, max_len, ...]."""
     if self.config.flavour == "gpt2" and max_len > self.config.max_seq_len:
       raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len} "
                        "(the GPT-2 flavour's position table); generate fewer tokens or "
                        "raise max_seq_len")
-    return [layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers]
+    one = lambda: init_cache(self.config.attention, batch, max_len, dtype)  # noqa: E731
+    if self.config.scan_layers:
+      axes = self.cache_axes()
+      return {k: constrain(jnp.broadcast_to(v, (self.config.num_layers,) + v.shape), axes[k])
+              for k, v in one().items()}
+    return [one() for _ in range(self.config.num_layers)]
 
-  def cache_axes(self) -> list[dict[str, tuple[str | None, ...]]]:
-    return [layer.attn.cache_axes() for layer in self.layers]
+  def cache_axes(self):
+    axes = cache_axes(self.config.attention)
+    if self.config.scan_layers:
+      return {k: ("layers",) + v for k, v in axes.items()}
+    return [axes for _ in range(self.config.num_layers)]
 
-  def prefill(self, tokens: jax.Array, cache: list[Cache]) -> tuple[jax.Array, list[Cache]]:
+  def _run_cached(self, x, cache, fn):
+    """Thread x and each layer's cache through `fn(block, x, cache) -> (x, cache)`."""
+    if self.config.scan_layers:
+      return nnx.scan(fn, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(self.layers, x, cache)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = fn(layer, x, layer_cache)
+      new_cache.append(layer_cache)
+    return x, new_cache
+
+  def prefill(self, tokens: jax.Array, cache):
     """Forward over right-padded prompts [B, S], writing cache slots [0, S)."""
     positions = self._positions(tokens)
     x = self._embed(tokens, positions)
-    new_cache = []
-    for layer, layer_cache in zip(self.layers, cache):
-      x, layer_cache = layer.prefill(x, positions, layer_cache)
-      new_cache.append(layer_cache)
-    return self._logits(x), new_cache
+    x, cache = self._run_cached(x, cache, lambda block, x, c: block.prefill(x, positions, c))
+    return self._logits(x), cache
 
-  def decode_step(self, tokens: jax.Array, cache: list[Cache], lengths: jax.Array,
-                  decode_impl: str = "absorbed") -> tuple[jax.Array, list[Cache]]:
+  def decode_step(self, tokens: jax.Array, cache, lengths: jax.Array,
+                  decode_impl: str = "absorbed") -> tuple[jax.Array, Any]:
     """tokens [B] at positions `lengths` [B] -> logits [B, V] and the updated cache."""
     check_decode_impl(decode_impl)
     positions = lengths[:, None].astype(jnp.int32)
     x = self._embed(tokens[:, None], positions)
-    new_cache = []
-    for layer, layer_cache in zip(self.layers, cache):
-      x, layer_cache = layer.decode(x, layer_cache, lengths, decode_impl)
-      new_cache.append(layer_cache)
-    return self._logits(x)[:, 0], new_cache
+    x, cache = self._run_cached(x, cache, lambda block, x, c: block.decode(x, c, lengths, decode_impl))
+    return self._logits(x)[:, 0], cache
 
 
 # ---------------------------------------------------------------------- abstract views

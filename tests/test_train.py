@@ -229,3 +229,17 @@ def test_quickstart_flagfile_builds_then_reuses(tmp_path):
   assert second.returncode == 0, second.stderr
   assert "data: reused" in second.stdout and "tokenizer: reused" in second.stdout
   assert "resumed from step 6" in second.stdout and "validation loss" in second.stdout
+
+
+def test_gpu_scale_switches_through_the_runner(story_file, tmp_path):
+  """--scan_layers, --remat and --attention_impl reach the model; a run resumes with
+  another remat policy or attention kernel (they change how it runs, not what it is)."""
+  base = ["--variant=gqa", "--num_kv_heads=1", "--steps=4", "--ckpt_every=2", "--scan_layers"]
+  first = run_cmd(train_cmd(story_file, tmp_path / "run", *base, "--remat=dots", "--attention_impl=dpa"))
+  assert first.returncode == 0, first.stderr
+  again = run_cmd(train_cmd(story_file, tmp_path / "run", *base[:-3], "--steps=6", "--ckpt_every=2",
+                            "--scan_layers", "--remat=none"))
+  assert again.returncode == 0, again.stderr
+  assert "resumed from step 4" in again.stdout
+  unscanned = run_cmd(train_cmd(story_file, tmp_path / "run", *base[:-3], "--steps=8"))
+  assert unscanned.returncode == 2 and "scan_layers: saved true, now false" in unscanned.stderr

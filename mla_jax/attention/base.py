@@ -37,6 +37,12 @@ def check_decode_impl(decode_impl: str) -> None:
     raise ValueError(f"unknown decode_impl {decode_impl!r}; choose one of {', '.join(DECODE_IMPLS)}")
 
 
+def causal_dpa(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """q [B, S, N, H], k and v [B, T, K, H] (N a multiple of K; query head n reads
+  key head n // (N / K)) -> [B, S, N, H]; scale 1 / sqrt(H)."""
+  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True)
+
+
 def causal_mask(seq: int) -> jax.Array:
   """[1, seq, seq]: query s sees keys t <= s."""
   return jnp.tril(jnp.ones((seq, seq), bool))[None]
@@ -62,9 +68,10 @@ class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, d_model: int, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-               out_std: float = 0.0):
+               out_std: float = 0.0, attention_impl: str = "einsum"):
     config.validate(d_model)
     self.config = config
+    self.attention_impl = attention_impl
     self.d_model = d_model
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -79,10 +86,20 @@ class Attention(nnx.Module):
              impl: str = "naive") -> jax.Array:
     raise NotImplementedError
 
+  def attend_dpa(self, x: jax.Array, positions: jax.Array, kv: Cache) -> jax.Array:
+    """Causal attention through jax.nn.dot_product_attention (cuDNN on GPUs);
+    variants whose shapes allow it override this."""
+    raise NotImplementedError(f"{self.config.variant} has no dot_product_attention path")
+
   # ------------------------------------------------------------- shared
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Training forward: causal attention over the sequence."""
-    return self.attend(x, positions, self.cache_entries(x, positions), causal_mask(x.shape[1]))
+    return self._causal(x, positions, self.cache_entries(x, positions))
+
+  def _causal(self, x, positions, kv):
+    if self.attention_impl == "dpa":
+      return self.attend_dpa(x, positions, kv)
+    return self.attend(x, positions, kv, causal_mask(x.shape[1]))
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
     return cache_axes(self.config)
@@ -100,7 +117,7 @@ class Attention(nnx.Module):
     them in order and never attends past its own position, so they are harmless.
     """
     kv = self.cache_entries(x, positions)
-    y = self.attend(x, positions, kv, causal_mask(x.shape[1]))
+    y = self._causal(x, positions, kv)
     axes = self.cache_axes()
     new_cache = {}
     for name, entries in kv.items():

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax.attention.base import Attention
+from mla_jax.attention.base import Attention, causal_dpa
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -110,3 +110,10 @@ class GQAAttention(Attention):
                         preferred_element_type=jnp.float32) / jnp.sqrt(self.config.head_dim)
     probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
     return self._output(x, jnp.einsum("bkgst,btkd->bskgd", probs, v))
+
+  def attend_dpa(self, x, positions, kv):
+    cfg = self.config
+    q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
+    if cfg.rope:
+      q = rope(q, positions, cfg.rope_theta)
+    return self._output(x, causal_dpa(q, kv["key"], kv["value"]))

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention
+from mla_jax.attention.base import Attention, causal_dpa
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -90,4 +90,15 @@ class GTA(Attention):
     probs = masked_softmax(scores, mask[:, None, None]).astype(state.dtype)
     y = jnp.einsum("bkgst,btkd->bskgd", probs, state)                 # V_j = s_j
     y = y.reshape(y.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)
+
+  def attend_dpa(self, x, positions, kv):
+    cfg = self.config
+    n = cfg.head_dim - cfg.rope_dim
+    q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
+    q = jnp.concatenate([q[..., :n], rope(q[..., n:], positions, cfg.rope_theta)], -1)
+    state = kv["kv_state"].astype(self.dtype)
+    rope_key = jnp.broadcast_to(kv["rope_key"].astype(self.dtype)[:, :, None], state.shape[:3] + (cfg.rope_dim,))
+    k = jnp.concatenate([state[..., :n], rope_key], -1)               # K_j = [s_j[:n] | k_R]
+    y = causal_dpa(q, k, state)                                        # V_j = s_j
     return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)

@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention
+from mla_jax.attention.base import Attention, causal_dpa
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rms_norm, rope
 from mla_jax.sharding import constrain
@@ -97,6 +97,12 @@ class LatentConfig(AttentionConfig):
     _check(self.num_heads % self.groups == 0,
            f"{self.variant}: num_heads={self.num_heads} must split into {self.groups} head groups; "
            f"use a multiple of {self.groups}")
+
+  def dpa_unsupported(self):
+    qk, v = self.qk_nope_head_dim + self.qk_rope_head_dim, self.value_dim
+    if qk != v:
+      return f"its query/key heads are {qk} wide and its value heads {v} (they must match)"
+    return None
 
   def cache_spec(self):
     spec = {"kv_latent": ((self.num_blocks, self.block_dim), ("latent_blocks", "latent_dim"))}
@@ -266,6 +272,26 @@ class LatentAttention(Attention):
     context = jnp.einsum("brgjst,btrgc->bsrgjc", probs, latent)     # z, width d_b
     y = dense(context, w_uv, "bsrgjc,rgcjv->bsgjv", self.dtype) / math.sqrt(self.config.branches)
     return self._output(x, y)
+
+  def attend_dpa(self, x, positions, kv):
+    """One jax.nn.dot_product_attention per branch, summed (needs d_n + d_r == d_v)."""
+    cfg = self.config
+    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
+    q = jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope
+    q = q.reshape(q.shape[:2] + (cfg.num_heads, q.shape[-1]))       # head = g * J + j
+    latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
+    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
+    y = 0.0
+    for r in range(cfg.branches):
+      k = dense(latent[:, :, r], w_uk[r], "btgc,gcjn->btgjn", self.dtype)
+      v = dense(latent[:, :, r], w_uv[r], "btgc,gcjv->btgjv", self.dtype)
+      if cfg.qk_rope_head_dim:
+        k_pe = kv["rope_key"].astype(self.dtype)[:, :, None, None]
+        k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:-1] + k_pe.shape[-1:])], -1)
+      flat = lambda a: a.reshape(a.shape[:2] + (cfg.num_heads, a.shape[-1]))  # noqa: E731
+      y = y + causal_dpa(q, flat(k), flat(v))
+    y = y / math.sqrt(cfg.branches)
+    return self._output(x, y.reshape(y.shape[:2] + (cfg.groups, cfg.num_heads // cfg.groups, -1)))
 
   def attend(self, x, positions, kv, mask, impl="naive"):
     if impl == "naive":

@@ -19,7 +19,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention
+from mla_jax.attention.base import Attention, causal_dpa
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -77,4 +77,11 @@ class MFA(Attention):
                         preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
     probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)
     y = jnp.einsum("bhst,btc->bshc", probs, kv["value"].astype(self.dtype))
+    return dense(y, self.wo[...], "bshc,hcd->bsd", self.dtype)
+
+  def attend_dpa(self, x, positions, kv):
+    cfg = self.config
+    c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
+    q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
+    y = causal_dpa(q, kv["key"][:, :, None], kv["value"][:, :, None])  # one K and one V head
     return dense(y, self.wo[...], "bshc,hcd->bsd", self.dtype)

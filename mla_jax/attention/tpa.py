@@ -21,7 +21,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention
+from mla_jax.attention.base import Attention, causal_dpa
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope, xavier_uniform_3d
 from mla_jax.sharding import constrain
@@ -122,3 +122,10 @@ class TPA(Attention):
     if impl == "naive":
       return self._attend_expanded(x, positions, kv, mask)
     return self._attend_factored(x, positions, kv, mask)
+
+  def attend_dpa(self, x, positions, kv):
+    cfg = self.config
+    f = {name: a.astype(self.dtype) for name, a in kv.items()}
+    k = jnp.einsum("bthr,btrk->bthk", f["key_a"], f["key_b"]) / cfg.k_rank
+    v = jnp.einsum("bthr,btrk->bthk", f["value_a"], f["value_b"]) / cfg.v_rank
+    return self._output(causal_dpa(self._queries(x, positions), k, v))
