@@ -78,3 +78,24 @@ def test_incomplete_distributed_flags(tmp_path):
                         f"--output_dir={tmp_path}"], capture_output=True, text=True, timeout=60)
   assert out.returncode == 2
   assert "--num_processes=2 also needs --coordinator_address and --process_id" in out.stderr
+
+
+def test_slurm_environment_is_detected(tmp_path):
+  """No coordinator flags: the topology comes from SLURM's variables (simulated
+  here on localhost: one node, two tasks)."""
+  import random
+  job = random.randint(1, 4000)
+  procs = []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1", JAX_PLATFORMS="cpu")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--mode=bench_train", "--variant=mla",
+         "--local_device_count=2", "--batch_size=4", "--seq_len=16", "--bench_steps=2", "--bench_warmup=1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  for out in outs:
+    assert "connected to 3 peer ranks" in out        # 4 devices in all: the mesh defaulted to data:4
+    assert "mla: median step" in out
