@@ -8,6 +8,9 @@ Modes:
   generate     continue --prompt with the model in --output_dir (one jit: prefill
                + lax decode loop).
   bench_train  median train-step time and tokens/s after warm-up.
+  bench_decode decode-step latency and tokens/s per decode path over batch sizes
+               and contexts, the cache bytes each step must read beside XLA's
+               bytes accessed, and on a GPU the fraction of peak bandwidth.
   kv_report    for every variant of a model family: parameters, cache per token,
                and the per-device cache at each TP degree measured on arrays
                placed on a simulated mesh. Table, CSV and bar chart.
@@ -25,7 +28,8 @@ import time
 
 from absl import app, flags, logging
 
-MODES = ("train", "eval", "generate", "bench_train", "kv_report", "decode_traffic", "params")
+MODES = ("train", "eval", "generate", "bench_train", "bench_decode", "kv_report", "decode_traffic",
+         "params")
 ALL_VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa")
 
 # ---- what to run
@@ -117,7 +121,12 @@ flags.DEFINE_integer("max_new_tokens", 120, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("top_k", 40, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 0.95, "Top-p filter (1 = off).")
-flags.DEFINE_enum("decode_impl", "absorbed", ["naive", "absorbed"], "Decode path of the latent family.")
+flags.DEFINE_enum("decode_impl", "auto", ["naive", "absorbed", "pallas", "auto"],
+                  "Decode path: naive (re-expand K/V), absorbed (XLA, latent-only), pallas (the GPU "
+                  "kernels; interpret mode elsewhere), auto (pallas on GPUs where shapes allow).")
+flags.DEFINE_list("bench_impls", ["naive", "absorbed", "pallas"], "bench_decode: decode paths to time.")
+flags.DEFINE_list("bench_batches", ["1", "8"], "bench_decode: batch sizes.")
+flags.DEFINE_list("bench_contexts", ["256", "1024"], "bench_decode: context lengths (cache slots).")
 flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16"], "KV-cache dtype.")
 
 # ---- reports
@@ -275,6 +284,23 @@ def run_bench_train() -> None:
         f"timed steps after {FLAGS.bench_warmup} warm-up)")
 
 
+def run_bench_decode() -> None:
+  import jax.numpy as jnp
+  from experiments import bench_decode
+  config = model_config_from_flags()
+  try:
+    batches, contexts = [int(b) for b in FLAGS.bench_batches], [int(c) for c in FLAGS.bench_contexts]
+  except ValueError:
+    raise ValueError("--bench_batches and --bench_contexts take integers, e.g. --bench_contexts=256,1024") from None
+  for impl in FLAGS.bench_impls:
+    if impl not in ("naive", "absorbed", "pallas", "auto"):
+      raise ValueError(f"unknown decode path {impl!r} in --bench_impls; choose naive, absorbed, pallas, auto")
+  cells = bench_decode.bench(config, impls=FLAGS.bench_impls, batches=batches, contexts=contexts,
+                             steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup,
+                             cache_dtype=jnp.dtype(FLAGS.cache_dtype), mesh_spec=FLAGS.mesh, seed=FLAGS.seed)
+  print(bench_decode.table(cells, config))
+
+
 def run_kv_report(tps, compiled: bool) -> None:
   import jax.numpy as jnp
   from mla_jax import cache_report
@@ -344,6 +370,9 @@ def main(argv):
     elif FLAGS.mode == "bench_train":
       start_distributed()
       run_bench_train()
+    elif FLAGS.mode == "bench_decode":
+      start_distributed()
+      run_bench_decode()
   except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -91,3 +91,37 @@ def barrier(name: str, timeout_s: float) -> None:
     return
   from jax._src import distributed as _dist
   _dist.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def pallas_gpu():
+  """The Pallas GPU (Triton) helpers module: `load`, `dot`, `CompilerParams`.
+
+  jax 0.4.3x called it `jax.experimental.pallas.gpu`; later `.triton`. JAX 0.11
+  deprecates the Triton ops in favour of tokamax, so every kernel here keeps an
+  XLA path beside it."""
+  try:
+    from jax.experimental.pallas import triton as plgpu
+  except ImportError:  # pragma: no cover - older jax
+    from jax.experimental.pallas import gpu as plgpu
+  return plgpu
+
+
+def pallas_gpu_params(**kwargs):
+  plgpu = pallas_gpu()
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(**kwargs)
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+  """Per-device code over `mesh` (jax.shard_map; jax.experimental.shard_map before 0.7).
+  Replication checks are off: Pallas calls carry no replication rules."""
+  import jax
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map as _shard_map  # pragma: no cover
+  return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def on_gpu() -> bool:
+  import jax
+  return jax.default_backend() == "gpu"

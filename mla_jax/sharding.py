@@ -381,3 +381,32 @@ def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
     shard = x.addressable_shards[0].data
     out[name] = int(np.prod(shard.shape[2:]))
   return out
+
+
+def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
+  """Run `fn(*args)` once per device under the active mesh (shard_map), each
+  argument split by its logical axes (None: not an array, passed through);
+  without a mesh, just call it. For kernels that XLA cannot partition."""
+  active = _ACTIVE.get()
+  if active is None:
+    return fn(*args)
+  mesh, rules = active
+  sizes = axis_sizes(mesh)
+
+  def spec(x, axes):
+    return logical_to_spec(axes, x.shape, mesh_axis_sizes=sizes, rules=rules, strict=False)
+
+  present = [i for i, a in enumerate(args) if a is not None]
+  in_specs = tuple(spec(args[i], arg_axes[i]) for i in present)
+
+  def local(*xs):
+    full = list(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return fn(*full)
+
+  out_shapes = jax.eval_shape(fn, *args)
+  out_specs = jax.tree.map(lambda s, axes: spec(s, axes), out_shapes, out_axes,
+                           is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
+  return compat.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
+      *[args[i] for i in present])

@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax import compat
 from mla_jax.config import AttentionConfig
 from mla_jax.sharding import constrain
 
-DECODE_IMPLS = ("naive", "absorbed")
+DECODE_IMPLS = ("naive", "absorbed", "pallas", "auto")
 
 Cache = dict[str, jax.Array]
 
@@ -35,6 +36,17 @@ Cache = dict[str, jax.Array]
 def check_decode_impl(decode_impl: str) -> None:
   if decode_impl not in DECODE_IMPLS:
     raise ValueError(f"unknown decode_impl {decode_impl!r}; choose one of {', '.join(DECODE_IMPLS)}")
+
+
+def resolve_impl(decode_impl: str, kernel_unsupported: str | None) -> str:
+  """'auto' -> the Pallas kernel on a GPU when the shapes allow it, the XLA
+  absorbed path otherwise; 'pallas' where the kernel cannot run is an error."""
+  if decode_impl == "auto":
+    return "pallas" if compat.on_gpu() and kernel_unsupported is None else "absorbed"
+  if decode_impl == "pallas" and kernel_unsupported is not None:
+    raise ValueError(f"decode_impl='pallas' cannot run here: {kernel_unsupported}; use 'auto' "
+                     "(falls back to XLA) or 'absorbed'")
+  return decode_impl
 
 
 def causal_dpa(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax.attention.base import Attention, causal_dpa
+from mla_jax import sharding
+from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
+from mla_jax.kernels import jax_decode
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -103,8 +105,22 @@ class GQAAttention(Attention):
     return {"key": constrain(k, axes), "value": constrain(v, axes)}
 
   def attend(self, x, positions, kv, mask, impl="naive"):
-    # Nothing to absorb: 'naive' and 'absorbed' are the same computation here.
+    # Nothing to absorb: 'naive' and 'absorbed' are the same computation here;
+    # 'pallas' is JAX's own GPU decode op.
+    if impl in ("pallas", "auto"):
+      why = "the kernel decodes one token per sequence" if x.shape[1] != 1 else \
+          jax_decode.plan(kv["key"].shape[1], self.config.head_dim)[1]
+      impl = resolve_impl(impl, why)
     q = self._queries(x, positions)
+    if impl == "pallas":
+      q = q.reshape(q.shape[0], self.config.num_heads, self.config.head_dim)
+      kv_len = jnp.sum(mask[:, 0, :], axis=-1).astype(jnp.int32)
+      cache_axes = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+      y = sharding.per_device(
+          lambda q, k, v, n: jax_decode.gqa(q, k, v, n, scale=1.0 / self.config.head_dim ** 0.5),
+          (q, kv["key"], kv["value"], kv_len),
+          (("batch", "q_heads", None), cache_axes, cache_axes, ("batch",)), ("batch", "q_heads", None))
+      return self._output(x, y[:, None])
     k, v = kv["key"].astype(self.dtype), kv["value"].astype(self.dtype)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(self.config.head_dim)

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa
+from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -75,6 +75,8 @@ class GTA(Attention):
             "rope_key": rope_key}
 
   def attend(self, x, positions, kv, mask, impl="naive"):
+    if impl in ("pallas", "auto"):
+      impl = resolve_impl(impl, f"no Pallas decode kernel for {self.config.variant} yet")
     # The cache already is the tied state: 'naive' and 'absorbed' coincide.
     cfg = self.config
     n = cfg.head_dim - cfg.rope_dim

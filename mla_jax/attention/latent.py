@@ -45,7 +45,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa
+from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
+from mla_jax import compat, sharding
+from mla_jax.kernels import latent_decode as kernel
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rms_norm, rope
 from mla_jax.sharding import constrain
@@ -293,9 +295,48 @@ class LatentAttention(Attention):
     y = y / math.sqrt(cfg.branches)
     return self._output(x, y.reshape(y.shape[:2] + (cfg.groups, cfg.num_heads // cfg.groups, -1)))
 
+  def _attend_pallas(self, x, positions, kv, mask):
+    """The absorbed decode through the Pallas kernel (interpret mode off GPUs):
+    the kernel returns each block's latent context; W_UV and the branch sum
+    stay in XLA. Under a mesh it runs per device on that device's blocks."""
+    cfg = self.config
+    q_nope, q_pe = self._queries(x, positions)                    # [B, 1, G, J, *]
+    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
+    cache_dtype = kv["kv_latent"].dtype
+    q_latent = dense(q_nope[:, 0], w_uk, "bgjn,rgcjn->brgjc", self.dtype)
+    shape = (x.shape[0], cfg.num_blocks, cfg.num_heads // cfg.groups)
+    q_latent = q_latent.reshape(shape + (cfg.block_dim,)).astype(cache_dtype)
+    q_rope = None
+    if cfg.qk_rope_head_dim:
+      q_rope = jnp.broadcast_to(q_pe[:, 0][:, None], (x.shape[0], cfg.branches) + q_pe.shape[2:])
+      q_rope = q_rope.reshape(shape + (cfg.qk_rope_head_dim,)).astype(cache_dtype)
+    kv_len = jnp.sum(mask[:, 0, :], axis=-1).astype(jnp.int32)   # decode masks are prefixes
+
+    def run(q_latent, q_rope, latent, rope, kv_len):
+      return kernel.latent_decode(q_latent, q_rope, latent, rope, kv_len, scale=self.softmax_scale,
+                                  interpret=not compat.on_gpu())[0]
+
+    q_axes = ("batch", "latent_blocks", "q_per_entry", None)
+    context = sharding.per_device(
+        run, (q_latent, q_rope, kv["kv_latent"], kv.get("rope_key"), kv_len),
+        (q_axes, q_axes, ("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
+         ("cache_batch", "cache_length", "rope_dim"), ("batch",)), q_axes)
+    context = context.reshape((x.shape[0], cfg.branches, cfg.groups) + context.shape[2:])
+    y = dense(context, w_uv, "brgjc,rgcjv->bgjv", self.dtype) / math.sqrt(cfg.branches)
+    return self._output(x, y[:, None])
+
+  def kernel_unsupported(self, x) -> str | None:
+    if x.shape[1] != 1:
+      return "the kernel decodes one token per sequence"
+    return kernel.unsupported(self.config.block_dim, self.config.qk_rope_head_dim)
+
   def attend(self, x, positions, kv, mask, impl="naive"):
+    if impl in ("pallas", "auto"):
+      impl = resolve_impl(impl, self.kernel_unsupported(x))
     if impl == "naive":
       return self._attend_expanded(x, positions, kv, mask)
+    if impl == "pallas":
+      return self._attend_pallas(x, positions, kv, mask)
     return self._attend_absorbed(x, positions, kv, mask)
 
 

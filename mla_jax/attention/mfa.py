@@ -19,7 +19,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa
+from mla_jax import sharding
+from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
+from mla_jax.kernels import jax_decode
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rope
 from mla_jax.sharding import constrain
@@ -73,6 +75,18 @@ class MFA(Attention):
     c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
     q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    if impl in ("pallas", "auto"):
+      why = "the kernel decodes one token per sequence" if x.shape[1] != 1 else \
+          jax_decode.plan(kv["key"].shape[1], cfg.head_dim)[1]
+      impl = resolve_impl(impl, why)
+    if impl == "pallas":                                  # MQA-shaped: JAX's own decode op
+      kv_len = jnp.sum(mask[:, 0, :], axis=-1).astype(jnp.int32)
+      cache_axes = ("cache_batch", "cache_length", "head_dim")
+      y = sharding.per_device(
+          lambda q, k, v, n: jax_decode.mqa(q, k, v, n, scale=1.0 / cfg.head_dim ** 0.5),
+          (q[:, 0], kv["key"], kv["value"], kv_len),
+          (("batch", "q_heads", None), cache_axes, cache_axes, ("batch",)), ("batch", "q_heads", None))
+      return dense(y[:, None], self.wo[...], "bshc,hcd->bsd", self.dtype)
     scores = jnp.einsum("bshc,btc->bhst", q, kv["key"].astype(self.dtype),
                         preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
     probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)

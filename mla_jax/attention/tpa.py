@@ -21,7 +21,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa
+from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope, xavier_uniform_3d
 from mla_jax.sharding import constrain
@@ -119,6 +119,8 @@ class TPA(Attention):
     return self._output(y)
 
   def attend(self, x, positions, kv, mask, impl="naive"):
+    if impl in ("pallas", "auto"):
+      impl = resolve_impl(impl, f"no Pallas decode kernel for {self.config.variant} yet")
     if impl == "naive":
       return self._attend_expanded(x, positions, kv, mask)
     return self._attend_factored(x, positions, kv, mask)
