@@ -188,6 +188,6 @@ def test_bench_decode_command():
   assert out.returncode == 0, out.stderr
   lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()[:1] in
            (["naive"], ["absorbed"], ["pallas"])}
-  # 2 layers x 2 sequences x 64 slots x 80 elements x 2 bytes (bf16) = 40 KiB of cache per step
-  assert "40.0 KiB" in lines["absorbed"] and "40.0 KiB" in lines["naive"]
+  # 2 layers x 2 sequences x 64 slots x 80 elements x 4 bytes (fp32) = 80 KiB of cache per step
+  assert "80.0 KiB" in lines["absorbed"] and "80.0 KiB" in lines["naive"]
   assert "skipped: no GPU" in lines["pallas"]
