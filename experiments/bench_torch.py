@@ -17,14 +17,13 @@ AdamW with clipping, fp32, both sides single-process on all CPU cores.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import statistics
 import sys
 import time
-import types
 
 from absl import app, flags
+
+from experiments.torch_stand_ins import load_authors_module
 
 flags.DEFINE_string("authors_repo", None, "Path to a checkout of github.com/SongtaoLiu0823/MLRA.")
 flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to compare (mha, mla, mlra4).")
@@ -40,49 +39,8 @@ CONFIG = dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, head_dim=64, int
               q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64)
 
 
-def _install_stand_ins():
-  """flash_attn_interface and transformers, as far as the authors' models use them."""
-  import torch
-  import torch.nn.functional as F
-
-  def flash_attn_func(q, k, v, causal=False, softmax_scale=None, **unused):
-    # flash-attn takes [batch, seq, heads, dim]; SDPA takes [batch, heads, seq, dim]
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=causal, scale=softmax_scale)
-    return y.transpose(1, 2)
-
-  fa = types.ModuleType("flash_attn_interface")
-  fa.flash_attn_func = flash_attn_func
-  sys.modules["flash_attn_interface"] = fa
-
-  class PretrainedConfig:
-    def __init__(self, **kwargs):
-      for k, v in kwargs.items():
-        setattr(self, k, v)
-
-  class PreTrainedModel(torch.nn.Module):
-    def __init__(self, config=None, *args, **kwargs):
-      super().__init__()
-
-  tr = types.ModuleType("transformers")
-  tr.PreTrainedModel = PreTrainedModel
-  tr.PretrainedConfig = PretrainedConfig
-  for sub, attr in (("configuration_utils", "PretrainedConfig"), ("modeling_utils", "PreTrainedModel")):
-    mod = types.ModuleType(f"transformers.{sub}")
-    setattr(mod, attr, getattr(tr, attr))
-    setattr(tr, sub, mod)
-    sys.modules[f"transformers.{sub}"] = mod
-  sys.modules["transformers"] = tr
-
-
 def load_authors_model(repo: str, variant: str):
-  path = os.path.join(repo, "model", f"{AUTHORS_FILE[variant]}.py")
-  if not os.path.exists(path):
-    raise ValueError(f"{path} not found: --authors_repo must be a checkout of "
-                     "github.com/SongtaoLiu0823/MLRA (it has model/<variant>.py)")
-  spec = importlib.util.spec_from_file_location(f"mlra_authors_{AUTHORS_FILE[variant]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_authors_module(repo, AUTHORS_FILE[variant])
   config = module.GPTConfig(block_size=FLAGS.seq_len, **CONFIG)
   return module.GPT(config)
 
@@ -173,7 +131,6 @@ def main(argv):
     sys.exit(2)
   from mla_jax.model import count_params
 
-  _install_stand_ins()
   torch.manual_seed(0)
   tokens = FLAGS.batch_size * FLAGS.seq_len
   print(f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens per step, fp32, torch {torch.__version__} "

@@ -17,6 +17,9 @@ Modes:
   decode_traffic  the same rows plus, from one block's compiled sharded decode
                step at each TP degree: the cache and weight bytes each device
                takes in, XLA's bytes accessed, and the collectives in the HLO.
+  convert      import a checkpoint of the MLRA authors' PyTorch code (--torch_checkpoint,
+               --variant) as a run directory (--output_dir) that eval, generate
+               and train read.
   params       parameter counts and cache sizes of every named preset.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from absl import app, flags, logging
 
 MODES = ("train", "eval", "generate", "bench_train", "bench_decode", "kv_report", "decode_traffic",
-         "params")
+         "convert", "params")
 ALL_VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa")
 
 # ---- what to run
@@ -128,6 +131,12 @@ flags.DEFINE_list("bench_impls", ["naive", "absorbed", "pallas"], "bench_decode:
 flags.DEFINE_list("bench_batches", ["1", "8"], "bench_decode: batch sizes.")
 flags.DEFINE_list("bench_contexts", ["256", "1024"], "bench_decode: context lengths (cache slots).")
 flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16"], "KV-cache dtype.")
+
+# ---- convert
+flags.DEFINE_string("torch_checkpoint", None, "convert: the authors' checkpoint (safetensors, a weights-only "
+                    "torch pickle, or a folder holding one and its config.json).")
+flags.DEFINE_integer("convert_num_heads", None, "convert: query heads, when the checkpoint has no config.json "
+                     "and the variant's shapes do not tell (MHA/MQA/GQA).")
 
 # ---- reports
 flags.DEFINE_enum("family", "flags", ["flags", "paper", "study"],
@@ -301,6 +310,21 @@ def run_bench_decode() -> None:
   print(bench_decode.table(cells, config))
 
 
+def run_convert() -> None:
+  from mla_jax import convert, count_params
+  if not FLAGS.torch_checkpoint:
+    raise ValueError("--mode=convert needs --torch_checkpoint=PATH")
+  out = convert.convert(FLAGS.torch_checkpoint, FLAGS.variant, FLAGS.output_dir,
+                        num_heads=FLAGS.convert_num_heads, tokenizer=FLAGS.tokenizer)
+  c = out["config"]
+  gated = "gated " if getattr(c.attention, "gated", False) else ""
+  print(f"converted {out['tensors']} tensors: {gated}{c.attention.variant}, {c.num_layers} layers, "
+        f"d {c.d_model}, {c.attention.num_heads} query heads, {count_params(c)['total']:,} parameters")
+  print(f"wrote {FLAGS.output_dir}/checkpoints/0; evaluate, decode or continue training with "
+        f"--output_dir={FLAGS.output_dir}" + ("" if FLAGS.tokenizer else " (pass --tokenizer=... to convert "
+                                               "to give it the tokenizer its text needs)"))
+
+
 def run_kv_report(tps, compiled: bool) -> None:
   import jax.numpy as jnp
   from mla_jax import cache_report
@@ -373,6 +397,8 @@ def main(argv):
     elif FLAGS.mode == "bench_decode":
       start_distributed()
       run_bench_decode()
+    elif FLAGS.mode == "convert":
+      run_convert()
   except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

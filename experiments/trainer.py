@@ -293,9 +293,13 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
                                     rows=pipeline.process_rows(tc.batch_size, rank, processes))
   start = 0
   if resume is not None:
-    abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-    state, data_state, _ = ckpt.restore(abstract, resume)
-    iterator.set_state(data_state["iterator"])
+    if "converted_from" in ckpt.read_meta(resume):
+      # an imported checkpoint: its weights, a fresh optimizer and data order
+      state = {**state, "params": _restore_params(ckpt, resume, state, shardings)}
+    else:
+      abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+      state, data_state, _ = ckpt.restore(abstract, resume)
+      iterator.set_state(data_state["iterator"])
     start = resume
   eval_batches = pipeline.fixed_batches(
       data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=loop.eval_batch_size,
@@ -361,7 +365,22 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
 # ----------------------------------------------------------------------------- eval / load
 
 
-def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default"):
+def _restore_params(ckpt, step, state, shardings):
+  """Only the parameters (what an imported checkpoint holds), onto `shardings`."""
+  abstract = T.abstract_with_shardings(
+      jax.eval_shape(lambda: {"params": state["params"], "step": state["step"]}),
+      {"params": shardings["params"], "step": shardings["step"]})
+  restored = ckpt.manager.restore(step, args=ckpt._ocp.args.Composite(
+      state=ckpt._ocp.args.StandardRestore(abstract)))
+  return restored["state"]["params"]
+
+
+def restore_converted_params(run_dir: str):
+  """The model of a run directory written by `mla_jax.convert` (one device)."""
+  return load_run(run_dir, need_tokenizer=False)[1]
+
+
+def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True):
   """(config, model, tokenizer, meta) from the latest checkpoint of a run."""
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
@@ -376,12 +395,19 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default"):
   rules = sharding.rules_preset(rules_name)
   mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
   graphdef, state, shardings = T.create_state(config, tc, mesh, rules)
-  abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-  state, _, _ = ckpt.restore(abstract, step)
+  if "converted_from" in meta:
+    state = {**state, "params": _restore_params(ckpt, step, state, shardings)}
+  else:
+    abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    state, _, _ = ckpt.restore(abstract, step)
   ckpt.close()
-  if not meta.get("tokenizer") or not os.path.exists(meta["tokenizer"]):
-    raise RunError(f"the run's tokenizer {meta.get('tokenizer')!r} is missing; pass --tokenizer=PATH")
-  return config, T.model_from_state(graphdef, state), tok.load(meta["tokenizer"]), meta, (graphdef, state, mesh, rules)
+  tokenizer = None
+  if need_tokenizer:
+    if not meta.get("tokenizer") or not os.path.exists(meta["tokenizer"]):
+      raise RunError(f"the run's tokenizer {meta.get('tokenizer')!r} is missing: this run has none "
+                     "recorded (an imported checkpoint?); pass --tokenizer=PATH")
+    tokenizer = tok.load(meta["tokenizer"])
+  return config, T.model_from_state(graphdef, state), tokenizer, meta, (graphdef, state, mesh, rules)
 
 
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
