@@ -10,6 +10,7 @@ Rerunning the same command resumes from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -74,6 +75,18 @@ def prepare_data(spec: DataSpec, barrier_timeout_s: float = 3600) -> Data:
 
 
 def _prepare_data(spec: DataSpec) -> Data:
+  # Several local runs sharing one --data_dir (a sweep's workers) build it once:
+  # the first takes the lock and builds, the others wait and then reuse.
+  os.makedirs(spec.root, exist_ok=True)
+  with open(os.path.join(spec.root, ".build.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return _prepare_data_locked(spec)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare_data_locked(spec: DataSpec) -> Data:
   if spec.kind == "synthetic_stories":
     builder = builders.synthetic_builder(spec.root, spec.num_train, spec.num_validation, spec.seed)
   elif spec.kind == "tinystories":

@@ -1,0 +1,496 @@
+"""Run a sweep of training runs from flagfiles, resumably, and write its results page.
+
+    .venv/bin/python -m experiments.sweep --sweep=experiments/sweeps/study_cpu.sweep
+    .venv/bin/python -m experiments.sweep --sweep=... --report_only     # just regenerate the page
+
+A sweep file lists one run per line: a name, a flagfile, and extra flags;
+`seeds=0,1,2` repeats a run per seed, `paper="..."` puts the paper's figure
+beside ours, `match=GROUP` asks that every run of GROUP have non-embedding
+parameters within 2% of the group's first run (checked before any training).
+Runs go seed by seed (every configuration's seed 0 first), finished runs are
+skipped, a killed run resumes from its last checkpoint, so a sweep can span
+several sittings. Several workers can share a sweep (e.g. one per core:
+`taskset -c 0 ... &  taskset -c 1 ...`): each claims a run with a lock file
+before starting it, and the data is built once under a lock. After
+training, each variant's decode speed is measured (`bench_decode`, absorbed
+path) and judge-free sample metrics are computed on fixed prompts (distinct-n
+and repetition rate: no LLM judge can be reached here). The results page
+(markdown + PNGs) is rebuilt from what the runs wrote: every number on it comes
+from a run directory's files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("sweep", None, "The sweep file.")
+flags.DEFINE_string("runs_dir", "runs/sweeps", "Where the runs' directories go.")
+flags.DEFINE_string("results_dir", "results", "Where the results page and its figures go.")
+flags.DEFINE_bool("report_only", False, "Only rebuild the results page from finished runs.")
+flags.DEFINE_list("only", [], "Run only these run names.")
+flags.DEFINE_string("data_dir", "~/.cache/mla_jax", "Shared data and tokenizer cache for every run.")
+flags.DEFINE_integer("sample_prompts", 8, "Prompts for the judge-free sample metrics.")
+flags.DEFINE_integer("bench_batch", 16, "Batch of the post-run decode-step timing.")
+flags.DEFINE_integer("bench_context", 1024, "Cache slots of the post-run decode-step timing (GPT-2 flavour: "
+                     "the model's max_seq_len).")
+flags.DEFINE_list("seeds", [], "Run only these seeds (default: every seed the sweep file lists).")
+flags.DEFINE_float("match_tolerance", 0.02, "Allowed relative gap in non-embedding parameters in a match group.")
+FLAGS = flags.FLAGS
+# What a run's summary.json holds; a summary of another version is written again
+# (the run resumes from its last checkpoint with no steps left, only the post-run).
+SUMMARY_VERSION = 2
+
+PROMPTS = ["Once upon a time", "One day, a little girl named", "The dog was", "Tom and his mom went to",
+           "It was a rainy day.", "Lily found a", "The little bird wanted to", "At the park,",
+           "Ben was sad because", "In the forest, there was"]
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  flagfile: str
+  extra: list[str]
+  seed: int
+  group: str             # the table row: runs that differ only by seed
+  paper: str = ""        # the paper's figure for this row, as text
+  match: str = ""        # parameter-matching group
+
+  def directory(self, sweep: str) -> str:
+    return os.path.join(FLAGS.runs_dir, sweep, self.name, f"seed{self.seed}")
+
+
+def parse(path: str) -> list[Run]:
+  runs = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      line = line.split("#", 1)[0].strip()
+      if not line:
+        continue
+      parts = shlex.split(line)
+      if len(parts) < 2:
+        raise ValueError(f"{path}:{n}: write 'name flagfile [--flag=value ...] [seeds=0,1,2]'")
+      name, flagfile, rest = parts[0], parts[1], parts[2:]
+      seeds, extra, paper, match = [0], [], "", ""
+      for item in rest:
+        if item.startswith("seeds="):
+          try:
+            seeds = [int(s) for s in item[len("seeds="):].split(",")]
+          except ValueError:
+            raise ValueError(f"{path}:{n}: write seeds as seeds=0,1,2, not {item!r}") from None
+        elif item.startswith("paper="):
+          paper = item[len("paper="):]
+        elif item.startswith("match="):
+          match = item[len("match="):]
+        elif item.startswith("--"):
+          extra.append(item)
+        else:
+          raise ValueError(f"{path}:{n}: {item!r} is neither a --flag nor seeds=/paper=/match=")
+      if not os.path.exists(flagfile):
+        raise ValueError(f"{path}:{n}: flagfile {flagfile!r} does not exist")
+      runs += [Run(name, flagfile, extra, s, name, paper, match) for s in seeds]
+  names = [(r.name, r.seed) for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{path}: a run name appears twice")
+  if not runs:
+    raise ValueError(f"{path}: no runs in the sweep file")
+  # seed-major: every configuration's first seed before any second seed
+  seed_rank = {(r.name, r.seed): sorted(x.seed for x in runs if x.name == r.name).index(r.seed) for r in runs}
+  order = {r.name: i for i, r in reversed(list(enumerate(runs)))}
+  return sorted(runs, key=lambda r: (seed_rank[(r.name, r.seed)], order[r.name]))
+
+
+def describe(runs: list[Run]) -> dict[str, dict]:
+  """name -> parameter counts and cache per token of each configuration, from the
+  same flag parsing the runner uses (one subprocess; nothing is compiled)."""
+  argvs = {}
+  for r in runs:
+    argvs.setdefault(r.name, ["run", f"--flagfile={r.flagfile}", *r.extra])
+  code = f"""
+import json, sys
+from experiments import run as R
+from mla_jax.model import count_params
+out = {{}}
+for name, argv in {argvs!r}.items():
+  R.FLAGS.unparse_flags()
+  try:
+    R.FLAGS(argv)
+    c = R.model_config_from_flags()
+  except Exception as e:
+    print(f"run {{name}}: {{e}}", file=sys.stderr); sys.exit(2)
+  out[name] = dict(params=count_params(c), cache_per_token=c.cache_elements_per_token(),
+                   layers=c.num_layers, variant=c.attention.variant)
+print(json.dumps(out))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if out.returncode:
+    raise ValueError(f"a run's flags do not build a model: {out.stderr.strip().splitlines()[-1]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_matches(runs: list[Run], info: dict[str, dict], tolerance: float) -> None:
+  groups: dict[str, list[str]] = {}
+  for r in runs:
+    if r.match and r.name not in groups.get(r.match, []):
+      groups.setdefault(r.match, []).append(r.name)
+  for group, names in groups.items():
+    ref = info[names[0]]["params"]["non_embedding"]
+    for name in names[1:]:
+      n = info[name]["params"]["non_embedding"]
+      if abs(n / ref - 1) > tolerance:
+        raise ValueError(f"match={group}: {name} has {n:,} non-embedding parameters, {100 * (n / ref - 1):+.1f}% "
+                         f"from {names[0]}'s {ref:,} (allowed {100 * tolerance:.0f}%); adjust its --mlp_dim")
+
+
+def _metrics(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _steps_wanted(run: Run) -> int:
+  # the run's own flags come after the flagfile on the command line, so they win
+  with open(run.flagfile) as f:
+    flagfile = [line.split("#", 1)[0].strip() for line in f]
+  for arg in reversed(flagfile + run.extra):
+    if arg.startswith("--steps="):
+      return int(arg.split("=", 1)[1])
+  return 1000
+
+
+def log_directory(run: Run, sweep: str) -> str:
+  """The run's logs as the results page reads them (metrics.jsonl, summary.json):
+  small, committed beside the page, so the page can be rebuilt without the
+  run directories (checkpoints) from a fresh clone with --report_only."""
+  return os.path.join(FLAGS.results_dir, f"{sweep}_logs", run.name, f"seed{run.seed}")
+
+
+def finished(run: Run, sweep: str) -> bool:
+  d = log_directory(run, sweep)
+  evals = [r for r in _metrics(d) if r.get("kind") == "eval"]
+  if not (evals and evals[-1]["step"] >= _steps_wanted(run)):
+    return False
+  try:
+    with open(os.path.join(d, "summary.json")) as f:
+      return json.load(f).get("version") == SUMMARY_VERSION
+  except (OSError, ValueError):
+    return False
+
+
+def claim(run: Run, sweep: str) -> bool:
+  """Take the run for this worker: a lock file holding our pid. A lock left by
+  a dead worker (killed sweep) is taken over, so its run resumes."""
+  d = run.directory(sweep)
+  os.makedirs(d, exist_ok=True)
+  lock = os.path.join(d, ".sweep.lock")
+  for _ in range(2):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        pid = int(open(lock).read().strip() or 0)
+        os.kill(pid, 0)
+        return False             # another live worker has it
+      except (ProcessLookupError, ValueError):
+        os.remove(lock)          # stale
+        continue
+      except PermissionError:
+        return False
+    with os.fdopen(fd, "w") as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
+
+
+def release(run: Run, sweep: str) -> None:
+  lock = os.path.join(run.directory(sweep), ".sweep.lock")
+  if os.path.exists(lock):
+    os.remove(lock)
+
+
+def train(run: Run, sweep: str, progress: str = "") -> None:
+  d = run.directory(sweep)
+  cmd = [sys.executable, "-m", "experiments.run", f"--flagfile={run.flagfile}", *run.extra,
+         f"--seed={run.seed}", f"--output_dir={d}", f"--data_dir={FLAGS.data_dir}", "--noprogress"]
+  print(f"[sweep] {progress} {run.name} seed {run.seed}: {' '.join(cmd[2:])}", flush=True)
+  t0 = time.time()
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"run {run.name} seed {run.seed} failed:\n{out.stderr[-3000:]}")
+  previous = 0.0     # wall time of earlier sittings that finished (a post-run redone after an update)
+  if os.path.exists(os.path.join(d, "summary.json")):
+    with open(os.path.join(d, "summary.json")) as f:
+      previous = json.load(f).get("wall_s", 0.0)
+  summary = {"version": SUMMARY_VERSION, "wall_s": previous + time.time() - t0, "stdout": out.stdout[-4000:]}
+  summary.update(_post_run(run, d))
+  with open(os.path.join(d, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  logs = log_directory(run, sweep)
+  os.makedirs(logs, exist_ok=True)
+  for name in ("metrics.jsonl", "summary.json"):
+    shutil.copyfile(os.path.join(d, name), os.path.join(logs, name))
+
+
+def _post_run(run: Run, d: str) -> dict:
+  """Decode speed and judge-free sample metrics of the finished run."""
+  code = f"""
+import json, time, numpy as np, jax, jax.numpy as jnp
+from experiments import trainer
+from mla_jax.generate import generate, Sampling
+from mla_jax.model import count_params
+config, model, tok, meta, _ = trainer.load_run({d!r})
+prompts = {PROMPTS[:FLAGS.sample_prompts]!r}
+ids = [tok.encode(p) for p in prompts]
+width = max(len(i) for i in ids)
+batch = np.zeros((len(ids), width), np.int32)
+for b, i in enumerate(ids): batch[b, :len(i)] = i
+lens = np.array([len(i) for i in ids])
+kw = dict(max_new_tokens=96, rng=0, sampling=Sampling(0.8, 40, 0.95), stop_token=tok.eos_id, pad_token=tok.eos_id, decode_impl="absorbed")
+generate(model, batch, lens, **kw)            # compile
+t0 = time.perf_counter(); out = generate(model, batch, lens, **kw); dt = time.perf_counter() - t0
+gen = [[int(t) for t in row[:n] if int(t) != tok.eos_id] for row, n in zip(out.tokens, out.lengths)]
+texts = [tok.decode(g) for g in gen]
+samples = [tok.decode(list(i) + g) for i, g in zip(ids, gen)]
+from experiments.bench_decode import bench
+# one decode step over a full cache: where the cache size shows in the step time
+cell = bench(config, impls=["absorbed"], batches=[{FLAGS.bench_batch}], contexts=[config.max_seq_len if config.flavour == "gpt2" else {FLAGS.bench_context}], steps=20, cache_dtype=jnp.float32)[0]
+print(json.dumps({{"texts": texts, "samples": samples, "decode_tokens_per_s": float(out.lengths.sum() / dt),
+                  "decode_step_ms": cell.step_ms, "decode_batch": cell.batch, "decode_context": cell.context,
+                  "params": count_params(config), "cache_per_token": config.cache_elements_per_token(),
+                  "layers": config.num_layers}}))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"post-run of {run.name} failed:\n{out.stderr[-3000:]}")
+  info = json.loads(out.stdout.strip().splitlines()[-1])
+  info.update(sample_metrics(info["texts"]))
+  return info
+
+
+def sample_metrics(texts: list[str]) -> dict:
+  """distinct-n (unique n-grams / n-grams, over all samples) and the share of
+  repeated 4-grams within a sample: judge-free signs of fluent, varied text."""
+  words = [t.lower().split() for t in texts]
+  out = {}
+  for n in (1, 2, 3):
+    grams = [tuple(w[i:i + n]) for w_ in words for w in [w_] for i in range(len(w) - n + 1)]
+    out[f"distinct_{n}"] = len(set(grams)) / max(1, len(grams))
+  reps = []
+  for w in words:
+    grams = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
+    if grams:
+      reps.append(1 - len(set(grams)) / len(grams))
+  out["repetition_4gram"] = statistics.mean(reps) if reps else 0.0
+  return out
+
+
+# ----------------------------------------------------------------------------- results page
+
+
+def collect(runs: list[Run], sweep: str) -> dict[str, list[dict]]:
+  groups: dict[str, list[dict]] = {}
+  for run in runs:
+    d = log_directory(run, sweep)
+    if not finished(run, sweep):
+      continue
+    with open(os.path.join(d, "summary.json")) as f:
+      summary = json.load(f)
+    metrics = _metrics(d)
+    last_eval = [r for r in metrics if r["kind"] == "eval"][-1]
+    groups.setdefault(run.group, []).append({"seed": run.seed, "dir": d, "eval": last_eval,
+                                             "metrics": metrics, **summary})
+  return groups
+
+
+def _ordering(rows, first) -> str:
+  """Our loss ranking beside the paper's (where every row has a paper number),
+  with Kendall's tau between them."""
+  ours, paper = {}, {}
+  for name, rs in rows:
+    try:
+      paper[name] = float(first[name].paper.split()[0])
+    except (ValueError, IndexError):
+      return ""
+    ours[name] = statistics.mean(r["eval"]["loss"] for r in rs)
+  if len(ours) < 3:
+    return ""
+  names = list(ours)
+  pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+  agree = sum((ours[a] - ours[b]) * (paper[a] - paper[b]) > 0 for a, b in pairs)
+  disagree = sum((ours[a] - ours[b]) * (paper[a] - paper[b]) < 0 for a, b in pairs)
+  tau = (agree - disagree) / len(pairs)
+  rank = lambda d: " < ".join(sorted(d, key=d.get))  # noqa: E731
+  return (f"Ordering, best first. Ours (mean val loss): {rank(ours)}. Paper: {rank(paper)}. "
+          f"Kendall's tau between the two: {tau:+.2f} ({agree} of {len(pairs)} pairs agree).")
+
+
+def _mean_sd(xs):
+  return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, paper_notes: str = "") -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = collect(runs, sweep)
+  os.makedirs(FLAGS.results_dir, exist_ok=True)
+  first = {}
+  for r in runs:
+    first.setdefault(r.name, r)
+  names = list(first)                                   # sweep-file order
+  rows = [(n, groups[n]) for n in names if n in groups]
+  lines = [f"# {title}", "",
+           f"Written by `python -m experiments.sweep --sweep={FLAGS.sweep}`: every number in the tables is read "
+           f"from the logs the runs wrote, `{sweep}_logs/<run>/seed<k>/metrics.jsonl` and `summary.json` "
+           "(the paper column is the paper's figure, from `../shared/reference/`). "
+           f"`--report_only` rebuilds this page from those logs.", ""]
+  base = rows[0][1] if rows else None
+  base_loss = statistics.mean(r["eval"]["loss"] for r in base) if base else None
+  base_cache = info[rows[0][0]]["cache_per_token"] if rows else None
+  lines += ["| run | seeds | non-emb. params | val loss (mean ± sd) | vs first row | val ppl | "
+            "KV cache / token / layer | cache vs first row | generate tok/s | decode step ms (batch x context) "
+            "| distinct-2 | rep. 4-gram | paper |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  summary = []
+  for name, rs in rows:
+    losses = [r["eval"]["loss"] for r in rs]
+    loss_m, loss_s = _mean_sd(losses)
+    cache = info[name]["cache_per_token"]
+    tps = statistics.mean(r["decode_tokens_per_s"] for r in rs)
+    steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
+    step_cell = (f"{statistics.mean(steps_ms):.2f} ({rs[0]['decode_batch']}x{rs[0]['decode_context']})"
+                 if steps_ms else "-")
+    d2 = statistics.mean(r["distinct_2"] for r in rs)
+    rep = statistics.mean(r["repetition_4gram"] for r in rs)
+    summary.append((name, rs, loss_m, loss_s, cache))
+    lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {info[name]['params']['non_embedding']:,} "
+                 f"| {loss_m:.4f} ± {loss_s:.4f} | {100 * (loss_m / base_loss - 1):+.2f}% | {math.exp(loss_m):.3f} "
+                 f"| {cache} | {100 * (cache / base_cache - 1):+.0f}% | {tps:,.0f} | {step_cell} | {d2:.3f} | {rep:.3f} "
+                 f"| {first[name].paper or '-'} |")
+  lines += ["", "Columns: validation loss after the last step (mean and sample standard deviation over seeds; "
+            "sd 0 with one seed); generate tok/s: sampled continuations of the fixed prompts, batch "
+            f"{FLAGS.sample_prompts}, including prefill; decode step ms: one absorbed decode step over a full "
+            "fp32 cache at random weights, median of 20; distinct-2 and rep. 4-gram: judge-free sample metrics "
+            "(unique bigrams over all samples, share of repeated 4-grams within a sample; no LLM judge can be "
+            "reached here)."]
+  ordering = _ordering(rows, first)
+  if ordering:
+    lines += ["", ordering]
+  missing = [n for n in names if n not in groups]
+  partial = [f"{n} ({len(groups[n])} of {sum(r.name == n for r in runs)} seeds)" for n in names
+             if n in groups and len(groups[n]) < sum(r.name == n for r in runs)]
+  if missing or partial:
+    lines += ["", "Not finished yet: " + ", ".join(missing + partial) + ". Rerun the sweep command to go on."]
+  lines += ["", "Per-seed final validation loss:", "", "| run | " + " | ".join(
+      f"seed {s}" for s in sorted({r.seed for r in runs})) + " | wall time per run (s, mean) |", "|---|" + "---|" * (
+      len({r.seed for r in runs}) + 1)]
+  for name, rs in rows:
+    by_seed = {r["seed"]: r["eval"]["loss"] for r in rs}
+    lines.append(f"| {name} | " + " | ".join(f"{by_seed[s]:.4f}" if s in by_seed else "-"
+                                           for s in sorted({r.seed for r in runs}))
+                 + f" | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+  lines += ["", "Runs (flagfile, then the run's own flags):", ""]
+  for name in names:
+    r = first[name]
+    lines.append(f"- `{name}`: `{r.flagfile}` `{' '.join(r.extra)}`")
+  if paper_notes:
+    lines += ["", paper_notes.strip()]
+  # validation-loss curves: one line per seed, one colour per configuration
+  fig, ax = plt.subplots(figsize=(8, 4.8))
+  for i, (name, rs, *_) in enumerate(summary):
+    for j, r in enumerate(rs):
+      ev = [(m["step"], m["loss"]) for m in r["metrics"] if m["kind"] == "eval"]
+      if ev:
+        ax.plot(*zip(*ev), "o-", ms=2.5, lw=1, alpha=0.8, color=f"C{i % 10}", label=name if j == 0 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("validation loss (every seed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncols=2)
+  fig.tight_layout()
+  curves = os.path.join(FLAGS.results_dir, f"{sweep}_loss_curves.png")
+  fig.savefig(curves, dpi=120)
+  plt.close(fig)
+  # final loss against cache size
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for i, (name, rs, loss_m, loss_s, cache) in enumerate(summary):
+    ax.errorbar([cache], [loss_m], yerr=[loss_s], fmt="o", color=f"C{i % 10}", capsize=3)
+    ax.annotate(name, (cache, loss_m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("KV cache elements per token per layer")
+  ax.set_ylabel("final validation loss (mean ± sd over seeds)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  scatter = os.path.join(FLAGS.results_dir, f"{sweep}_loss_vs_cache.png")
+  fig.savefig(scatter, dpi=120)
+  plt.close(fig)
+  lines += ["", f"![validation loss]({os.path.basename(curves)})", "",
+            f"![loss vs cache]({os.path.basename(scatter)})", "",
+            f"## A sample per run (lowest seed, prompt {PROMPTS[0]!r}, temperature 0.8, top-k 40, top-p 0.95)", ""]
+  for name, rs, *_ in summary:
+    text = " ".join(rs[0]["samples"][0].split())
+    lines += [f"**{name}**: {text}", ""]
+  page = os.path.join(FLAGS.results_dir, f"{sweep}.md")
+  with open(page, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return page
+
+
+def main(argv):
+  del argv
+  if not FLAGS.sweep:
+    print("error: pass --sweep=FILE (see experiments/sweeps/)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if not os.path.isfile(FLAGS.sweep):
+      raise ValueError(f"no sweep file {FLAGS.sweep!r}; the committed ones are in experiments/sweeps/")
+    runs = parse(FLAGS.sweep)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sweep = os.path.splitext(os.path.basename(FLAGS.sweep))[0]
+  try:
+    info = describe(runs)
+    check_matches(runs, info, FLAGS.match_tolerance)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  unknown = sorted(set(FLAGS.only) - {r.name for r in runs})
+  if unknown:
+    print(f"error: --only names {', '.join(unknown)}, which the sweep does not have", file=sys.stderr)
+    sys.exit(2)
+  if not FLAGS.report_only:
+    todo = [r for r in runs if (not FLAGS.only or r.name in FLAGS.only)
+            and (not FLAGS.seeds or str(r.seed) in FLAGS.seeds)]
+    for i, run in enumerate(todo, 1):
+      if finished(run, sweep):
+        print(f"[sweep] {i}/{len(todo)} {run.name} seed {run.seed}: finished, skipped", flush=True)
+        continue
+      if not claim(run, sweep):
+        print(f"[sweep] {i}/{len(todo)} {run.name} seed {run.seed}: another worker has it, skipped", flush=True)
+        continue
+      try:
+        train(run, sweep, f"{i}/{len(todo)}")
+      except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+      finally:
+        release(run, sweep)
+  notes_path = os.path.splitext(FLAGS.sweep)[0] + ".notes.md"
+  notes = open(notes_path).read() if os.path.exists(notes_path) else ""
+  page = write_page(runs, sweep, info, title=f"Sweep {sweep}", paper_notes=notes)
+  print(f"[sweep] wrote {page}")
+
+
+if __name__ == "__main__":
+  app.run(main)
