@@ -69,6 +69,9 @@ flags.DEFINE_integer("q_lora_rank", 64, "Query latent width (latent family; 0 = 
 flags.DEFINE_integer("kv_lora_rank", 64, "KV latent width d_c (latent family).")
 flags.DEFINE_integer("rope_head_dim", 16, "Decoupled RoPE width d_r (latent family; 0 = none).")
 flags.DEFINE_bool("latent_scales", True, "The MLRA code base's q/kv variance scales (latent family).")
+flags.DEFINE_enum("mha_rope", "auto", ["auto", "on", "off"],
+                  "RoPE on the queries and keys of mha/mqa/gqa: auto = on in the Llama flavour, off in the "
+                  "GPT-2 flavour (absolute positions); on in GPT-2 gives both, a control for MLA+RoPE.")
 flags.DEFINE_bool("gated", False, "Output gate sigmoid(x W_g) (gqa and the latent family).")
 flags.DEFINE_integer("tpa_q_rank", 6, "TPA query rank R_Q.")
 flags.DEFINE_integer("tpa_kv_rank", 2, "TPA key and value rank R_K = R_V.")
@@ -161,7 +164,8 @@ def model_config_from_flags(variant: str | None = None):
   if v not in ALL_VARIANTS:
     raise ValueError(f"unknown --variant={v!r}; choose one of {', '.join(ALL_VARIANTS)}")
   if v in ("mha", "mqa", "gqa"):
-    kw = dict(head_dim=FLAGS.head_dim, rope=FLAGS.flavour == "llama", gated=FLAGS.gated)
+    use_rope = {"auto": FLAGS.flavour == "llama", "on": True, "off": False}[FLAGS.mha_rope]
+    kw = dict(head_dim=FLAGS.head_dim, rope=use_rope, gated=FLAGS.gated)
     if v == "gqa":
       kw["num_kv_heads"] = FLAGS.num_kv_heads
   elif v == "gta":

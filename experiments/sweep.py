@@ -128,7 +128,8 @@ for name, argv in {argvs!r}.items():
   except Exception as e:
     print(f"run {{name}}: {{e}}", file=sys.stderr); sys.exit(2)
   out[name] = dict(params=count_params(c), cache_per_token=c.cache_elements_per_token(),
-                   layers=c.num_layers, variant=c.attention.variant)
+                   layers=c.num_layers, variant=c.attention.variant,
+                   rope=bool(getattr(c.attention, "rope", False) or getattr(c.attention, "qk_rope_head_dim", 0)))
 print(json.dumps(out))
 """
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -73,6 +73,15 @@ def test_decode_matches_full_forward(variant, flavour, gated, decode_impl):
   assert np.abs(full[:, 1:] - full[:, :1]).max() > 1e-2
 
 
+@pytest.mark.parametrize("decode_impl", ["naive", "absorbed"])
+def test_gpt2_mha_with_rope(decode_impl):
+  """The study's control: absolute positions AND RoPE on q/k (--mha_rope=on)."""
+  with_rope = small_config("mha", flavour="gpt2", rope=True)
+  full = check_decode_matches_forward(with_rope, decode_impl)
+  without = check_decode_matches_forward(small_config("mha", flavour="gpt2"), decode_impl)
+  assert np.abs(full - without).max() > 1e-3      # the rotation is really applied
+
+
 @pytest.mark.parametrize("variant", ["mla", "mlra4"])
 def test_study_mla_without_rope(variant):
   """d_r = 0: no rope key at all (the small-model study's "MLA"), GPT-2 positions."""

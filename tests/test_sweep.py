@@ -77,6 +77,11 @@ def test_committed_sweeps_build_and_the_mlra_comparison_is_parameter_matched():
       runs = S.parse(f)
       info = S.describe(runs)
       S.check_matches(runs, info, 0.02)
+      if os.path.basename(f) == "study_cpu.sweep":
+        # MLA without RoPE has none, MLA+RoPE and the control MHA+RoPE (--mha_rope=on) have it
+        assert [info[n]["rope"] for n in ("mha", "mla_rd2", "mla_rope_rd2", "mha_rope")] == [
+            False, False, True, True]
+        assert info["mha_rope"]["cache_per_token"] == info["mha"]["cache_per_token"] == 256
       if os.path.basename(f) in ("mlra_cpu.sweep", "mlra_paper.sweep"):
         # independent of check_matches: every run within 2% of the first
         counts = [info[r.name]["params"]["non_embedding"] for r in runs]
