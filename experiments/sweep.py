@@ -360,7 +360,7 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
   base_loss = statistics.mean(r["eval"]["loss"] for r in base) if base else None
   base_cache = info[rows[0][0]]["cache_per_token"] if rows else None
   lines += ["| run | seeds | non-emb. params | val loss (mean ± sd) | vs first row | val ppl | "
-            "KV cache / token / layer | cache vs first row | generate tok/s | decode step ms (batch x context) "
+            "KV cache / token / layer | cache vs first row | decode step ms (batch x context) | decode tok/s "
             "| distinct-2 | rep. 4-gram | paper |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   summary = []
@@ -368,23 +368,24 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
     losses = [r["eval"]["loss"] for r in rs]
     loss_m, loss_s = _mean_sd(losses)
     cache = info[name]["cache_per_token"]
-    tps = statistics.mean(r["decode_tokens_per_s"] for r in rs)
     steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
-    step_cell = (f"{statistics.mean(steps_ms):.2f} ({rs[0]['decode_batch']}x{rs[0]['decode_context']})"
-                 if steps_ms else "-")
+    step_ms = statistics.mean(steps_ms) if steps_ms else None
+    step_cell = f"{step_ms:.2f} ({rs[0]['decode_batch']}x{rs[0]['decode_context']})" if step_ms else "-"
+    tps = f"{1e3 * rs[0]['decode_batch'] / step_ms:,.0f}" if step_ms else "-"
     d2 = statistics.mean(r["distinct_2"] for r in rs)
     rep = statistics.mean(r["repetition_4gram"] for r in rs)
     summary.append((name, rs, loss_m, loss_s, cache))
     lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {info[name]['params']['non_embedding']:,} "
                  f"| {loss_m:.4f} ± {loss_s:.4f} | {100 * (loss_m / base_loss - 1):+.2f}% | {math.exp(loss_m):.3f} "
-                 f"| {cache} | {100 * (cache / base_cache - 1):+.0f}% | {tps:,.0f} | {step_cell} | {d2:.3f} | {rep:.3f} "
+                 f"| {cache} | {100 * (cache / base_cache - 1):+.0f}% | {step_cell} | {tps} | {d2:.3f} | {rep:.3f} "
                  f"| {first[name].paper or '-'} |")
   lines += ["", "Columns: validation loss after the last step (mean and sample standard deviation over seeds; "
-            "sd 0 with one seed); generate tok/s: sampled continuations of the fixed prompts, batch "
-            f"{FLAGS.sample_prompts}, including prefill; decode step ms: one absorbed decode step over a full "
-            "fp32 cache at random weights, median of 20; distinct-2 and rep. 4-gram: judge-free sample metrics "
-            "(unique bigrams over all samples, share of repeated 4-grams within a sample; no LLM judge can be "
-            "reached here)."]
+            "sd 0 with one seed); decode step ms: one jitted decode step of the whole model (absorbed path) "
+            "over a full fp32 cache, median of 20 after warm-up, mean over seeds, timed on one core while the "
+            "sweep's other worker trained on the other (so compare rows, not absolute values); decode tok/s: "
+            "batch / step time; distinct-2 and rep. 4-gram: judge-free sample metrics over "
+            f"{FLAGS.sample_prompts} sampled continuations of fixed prompts (unique bigrams over all samples, "
+            "share of repeated 4-grams within a sample; the study's LLM judge cannot be reached here)."]
   ordering = _ordering(rows, first)
   if ordering:
     lines += ["", ordering]
