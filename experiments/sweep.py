@@ -408,16 +408,25 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
     lines.append(f"- `{name}`: `{r.flagfile}` `{' '.join(r.extra)}`")
   if paper_notes:
     lines += ["", paper_notes.strip()]
-  # validation-loss curves: one line per seed, one colour per configuration
-  fig, ax = plt.subplots(figsize=(8, 4.8))
+  # loss curves: one line per seed, one colour per configuration; training loss
+  # as a 25-step running mean (every step is logged), validation at each eval
+  fig, (ax_train, ax) = plt.subplots(1, 2, figsize=(12, 4.8))
   for i, (name, rs, *_) in enumerate(summary):
     for j, r in enumerate(rs):
+      colour, label = f"C{i % 10}", name if j == 0 else None
+      tr = [(m["step"], m["loss"]) for m in r["metrics"] if m["kind"] == "train"]
+      if len(tr) >= 25:
+        steps, losses = zip(*tr)
+        smooth = [statistics.mean(losses[k - 25:k]) for k in range(25, len(losses) + 1)]
+        ax_train.plot(steps[24:], smooth, lw=1, alpha=0.8, color=colour, label=label)
       ev = [(m["step"], m["loss"]) for m in r["metrics"] if m["kind"] == "eval"]
       if ev:
-        ax.plot(*zip(*ev), "o-", ms=2.5, lw=1, alpha=0.8, color=f"C{i % 10}", label=name if j == 0 else None)
-  ax.set_xlabel("step")
+        ax.plot(*zip(*ev), "o-", ms=2.5, lw=1, alpha=0.8, color=colour, label=label)
+  ax_train.set_ylabel("training loss (25-step running mean, every seed)")
   ax.set_ylabel("validation loss (every seed)")
-  ax.grid(alpha=0.3)
+  for a in (ax_train, ax):
+    a.set_xlabel("step")
+    a.grid(alpha=0.3)
   ax.legend(fontsize=7, ncols=2)
   fig.tight_layout()
   curves = os.path.join(FLAGS.results_dir, f"{sweep}_loss_curves.png")
