@@ -43,6 +43,9 @@ flags.DEFINE_integer("sample_prompts", 8, "Prompts for the judge-free sample met
 flags.DEFINE_integer("bench_batch", 16, "Batch of the post-run decode-step timing.")
 flags.DEFINE_integer("bench_context", 1024, "Cache slots of the post-run decode-step timing (GPT-2 flavour: "
                      "the model's max_seq_len).")
+flags.DEFINE_bool("bench_decode", False, "Time every configuration's decode step side by side in one process "
+                  "(interleaved rounds, random weights) and put it on the results page; run it on a quiet machine.")
+flags.DEFINE_integer("bench_rounds", 5, "--bench_decode: interleaved rounds (each times every configuration).")
 flags.DEFINE_list("seeds", [], "Run only these seeds (default: every seed the sweep file lists).")
 flags.DEFINE_float("match_tolerance", 0.02, "Allowed relative gap in non-embedding parameters in a match group.")
 FLAGS = flags.FLAGS
@@ -135,6 +138,48 @@ print(json.dumps(out))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   if out.returncode:
     raise ValueError(f"a run's flags do not build a model: {out.stderr.strip().splitlines()[-1]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_decode_side_by_side(runs: list[Run], batch: int, context: int, rounds: int) -> dict:
+  """name -> median decode-step ms of each configuration (absorbed path, fp32 cache,
+  the GPT-2 flavour capped at its position table), timed in one process in
+  interleaved rounds so that every configuration sees the same machine state."""
+  argvs = {}
+  for r in runs:
+    argvs.setdefault(r.name, ["run", f"--flagfile={r.flagfile}", *r.extra])
+  code = f"""
+import json, statistics, time, jax, jax.numpy as jnp
+from flax import nnx
+from experiments import run as R
+from mla_jax.model import Transformer
+steps = {{}}
+for name, argv in {argvs!r}.items():
+  R.FLAGS.unparse_flags(); R.FLAGS(argv)
+  c = R.model_config_from_flags()
+  context = min({context}, c.max_seq_len) if c.flavour == "gpt2" else {context}
+  model = Transformer(c, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  def step(state, tokens, cache, lengths, graphdef=graphdef):
+    return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths, "absorbed")
+  cache = jax.jit(lambda m=model, context=context: m.init_cache({batch}, context, jnp.float32))()
+  tokens, lengths = jnp.zeros(({batch},), jnp.int32), jnp.full(({batch},), context - 1, jnp.int32)
+  fn = jax.jit(step).lower(state, tokens, cache, lengths).compile()
+  jax.block_until_ready(fn(state, tokens, cache, lengths))
+  steps[name] = (fn, state, tokens, cache, lengths, context)
+times = {{n: [] for n in steps}}
+for _ in range({rounds}):
+  for name, (fn, *args, context) in steps.items():
+    t = []
+    for _ in range(10):
+      t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); t.append(time.perf_counter() - t0)
+    times[name].append(statistics.median(t))
+print(json.dumps({{n: dict(step_ms=1e3 * statistics.median(v), batch={batch}, context=steps[n][-1], rounds={rounds})
+                  for n, v in times.items()}}))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"decode benchmark failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -356,6 +401,11 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
            f"from the logs the runs wrote, `{sweep}_logs/<run>/seed<k>/metrics.jsonl` and `summary.json` "
            "(the paper column is the paper's figure, from `../shared/reference/`). "
            f"`--report_only` rebuilds this page from those logs.", ""]
+  bench_path = os.path.join(FLAGS.results_dir, f"{sweep}_logs", "decode_bench.json")
+  side_by_side = {}
+  if os.path.exists(bench_path):
+    with open(bench_path) as f:
+      side_by_side = json.load(f)
   base = rows[0][1] if rows else None
   base_loss = statistics.mean(r["eval"]["loss"] for r in base) if base else None
   base_cache = info[rows[0][0]]["cache_per_token"] if rows else None
@@ -368,10 +418,14 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
     losses = [r["eval"]["loss"] for r in rs]
     loss_m, loss_s = _mean_sd(losses)
     cache = info[name]["cache_per_token"]
-    steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
-    step_ms = statistics.mean(steps_ms) if steps_ms else None
-    step_cell = f"{step_ms:.2f} ({rs[0]['decode_batch']}x{rs[0]['decode_context']})" if step_ms else "-"
-    tps = f"{1e3 * rs[0]['decode_batch'] / step_ms:,.0f}" if step_ms else "-"
+    if name in side_by_side:          # one process, interleaved: the figures to compare
+      step_ms, batch, context = (side_by_side[name][k] for k in ("step_ms", "batch", "context"))
+    else:                             # each run's own post-run timing, mean over seeds
+      steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
+      step_ms = statistics.mean(steps_ms) if steps_ms else None
+      batch, context = rs[0].get("decode_batch"), rs[0].get("decode_context")
+    step_cell = f"{step_ms:.2f} ({batch}x{context})" if step_ms else "-"
+    tps = f"{1e3 * batch / step_ms:,.0f}" if step_ms else "-"
     d2 = statistics.mean(r["distinct_2"] for r in rs)
     rep = statistics.mean(r["repetition_4gram"] for r in rs)
     summary.append((name, rs, loss_m, loss_s, cache))
@@ -381,8 +435,13 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
                  f"| {first[name].paper or '-'} |")
   lines += ["", "Columns: validation loss after the last step (mean and sample standard deviation over seeds; "
             "sd 0 with one seed); decode step ms: one jitted decode step of the whole model (absorbed path) "
-            "over a full fp32 cache, median of 20 after warm-up, mean over seeds, timed on one core while the "
-            "sweep's other worker trained on the other (so compare rows, not absolute values); decode tok/s: "
+            "over a full fp32 cache at random weights, "
+            + (f"timed side by side in one process (`--bench_decode`: {next(iter(side_by_side.values()))['rounds']} "
+               "interleaved rounds of 10 steps, median), on the machine the page was written on; "
+               if side_by_side else
+               "median of 20 after warm-up, mean over seeds, timed after each run while other work shared the "
+               "machine (noisy; `--bench_decode` times them side by side); ")
+            + "decode tok/s: "
             "batch / step time; distinct-2 and rep. 4-gram: judge-free sample metrics over "
             f"{FLAGS.sample_prompts} sampled continuations of fixed prompts (unique bigrams over all samples, "
             "share of repeated 4-grams within a sample; the study's LLM judge cannot be reached here)."]
@@ -427,7 +486,8 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
   for a in (ax_train, ax):
     a.set_xlabel("step")
     a.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncols=2)
+  if summary:
+    ax.legend(fontsize=7, ncols=2)
   fig.tight_layout()
   curves = os.path.join(FLAGS.results_dir, f"{sweep}_loss_curves.png")
   fig.savefig(curves, dpi=120)
@@ -497,6 +557,13 @@ def main(argv):
         sys.exit(1)
       finally:
         release(run, sweep)
+  bench_path = os.path.join(FLAGS.results_dir, f"{sweep}_logs", "decode_bench.json")
+  if FLAGS.bench_decode:
+    print(f"[sweep] timing every configuration's decode step side by side ({FLAGS.bench_rounds} rounds)", flush=True)
+    timings = bench_decode_side_by_side(runs, FLAGS.bench_batch, FLAGS.bench_context, FLAGS.bench_rounds)
+    os.makedirs(os.path.dirname(bench_path), exist_ok=True)
+    with open(bench_path, "w") as f:
+      json.dump(timings, f, indent=1)
   notes_path = os.path.splitext(FLAGS.sweep)[0] + ".notes.md"
   notes = open(notes_path).read() if os.path.exists(notes_path) else ""
   page = write_page(runs, sweep, info, title=f"Sweep {sweep}", paper_notes=notes)

@@ -167,6 +167,17 @@ def test_tiny_sweep_end_to_end(tmp_path, story_file):  # noqa: F811
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "results/tiny.md").read_text() == page
 
+  # side-by-side decode timing: one figure per configuration, and the page shows it
+  out = run_cmd(args + ["--report_only", "--bench_decode", "--bench_rounds=1", "--bench_context=64"], cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  timings = json.loads((logs / "decode_bench.json").read_text())
+  assert set(timings) == {"mha", "mlra4"}
+  page = (tmp_path / "results/tiny.md").read_text()
+  for name, t in timings.items():
+    assert t["step_ms"] > 0 and t["context"] == 64 and t["batch"] == 16
+    assert f"| {t['step_ms']:.2f} (16x64) | {1e3 * 16 / t['step_ms']:,.0f} |" in page
+  assert "side by side in one process" in page
+
 
 def test_bad_sweep_flags_are_one_line_errors(tmp_path):
   out = run_cmd([sys.executable, "-m", "experiments.sweep"], cwd=REPO)
