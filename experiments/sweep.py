@@ -112,51 +112,50 @@ def parse(path: str) -> list[Run]:
   return sorted(runs, key=lambda r: (seed_rank[(r.name, r.seed)], order[r.name]))
 
 
-def describe(runs: list[Run]) -> dict[str, dict]:
-  """name -> parameter counts and cache per token of each configuration, from the
-  same flag parsing the runner uses (one subprocess; nothing is compiled)."""
+def _argvs(runs: list[Run]) -> dict[str, list[str]]:
+  """name -> the runner's command line of each configuration (seeds aside)."""
   argvs = {}
   for r in runs:
     argvs.setdefault(r.name, ["run", f"--flagfile={r.flagfile}", *r.extra])
+  return argvs
+
+
+def _python(code: str, error, what: str):
+  """Run `code` in a fresh Python; its last stdout line is JSON."""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if out.returncode:
+    raise error(f"{what}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def describe(runs: list[Run]) -> dict[str, dict]:
+  """name -> parameter counts and cache per token of each configuration, from the
+  same flag parsing the runner uses (one subprocess; nothing is compiled)."""
   code = f"""
-import json, sys
-from experiments import run as R
+import json
+from experiments.sweep_configs import configs  # the runner's flag parsing, in a fresh process
 from mla_jax.model import count_params
 out = {{}}
-for name, argv in {argvs!r}.items():
-  R.FLAGS.unparse_flags()
-  try:
-    R.FLAGS(argv)
-    c = R.model_config_from_flags()
-  except Exception as e:
-    print(f"run {{name}}: {{e}}", file=sys.stderr); sys.exit(2)
+for name, c in configs({_argvs(runs)!r}):
   out[name] = dict(params=count_params(c), cache_per_token=c.cache_elements_per_token(),
                    layers=c.num_layers, variant=c.attention.variant,
                    rope=bool(getattr(c.attention, "rope", False) or getattr(c.attention, "qk_rope_head_dim", 0)))
 print(json.dumps(out))
 """
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  if out.returncode:
-    raise ValueError(f"a run's flags do not build a model: {out.stderr.strip().splitlines()[-1]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return _python(code, ValueError, "a run's flags do not build a model")
 
 
 def bench_decode_side_by_side(runs: list[Run], batch: int, context: int, rounds: int) -> dict:
   """name -> median decode-step ms of each configuration (absorbed path, fp32 cache,
   the GPT-2 flavour capped at its position table), timed in one process in
   interleaved rounds so that every configuration sees the same machine state."""
-  argvs = {}
-  for r in runs:
-    argvs.setdefault(r.name, ["run", f"--flagfile={r.flagfile}", *r.extra])
   code = f"""
 import json, statistics, time, jax, jax.numpy as jnp
 from flax import nnx
-from experiments import run as R
+from experiments.sweep_configs import configs
 from mla_jax.model import Transformer
 steps = {{}}
-for name, argv in {argvs!r}.items():
-  R.FLAGS.unparse_flags(); R.FLAGS(argv)
-  c = R.model_config_from_flags()
+for name, c in configs({_argvs(runs)!r}):
   context = min({context}, c.max_seq_len) if c.flavour == "gpt2" else {context}
   model = Transformer(c, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -177,10 +176,7 @@ for _ in range({rounds}):
 print(json.dumps({{n: dict(step_ms=1e3 * statistics.median(v), batch={batch}, context=steps[n][-1], rounds={rounds})
                   for n, v in times.items()}}))
 """
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(f"decode benchmark failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return _python(code, RuntimeError, "decode benchmark failed")
 
 
 def check_matches(runs: list[Run], info: dict[str, dict], tolerance: float) -> None:
