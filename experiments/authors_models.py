@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.torch_stand_ins import load_authors_module
+from experiments.torch_stand_ins import load_authors_module, require_torch_and_repo
 
 # our variant name -> (their model file, their config keys)
 SMALL = dict(vocab_size=128, n_layer=2, n_embd=64, n_head=4, intermediate_size=96, block_size=64)
@@ -94,14 +94,7 @@ def compare(repo: str, variant: str) -> float:
 
 def main(argv):
   del argv
-  if not FLAGS.authors_repo:
-    print("error: pass --authors_repo=PATH (a checkout of github.com/SongtaoLiu0823/MLRA)", file=sys.stderr)
-    sys.exit(2)
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    print("error: torch is not installed; run: .venv/bin/pip install -e '.[torch]'", file=sys.stderr)
-    sys.exit(2)
+  require_torch_and_repo(FLAGS.authors_repo)
   try:
     if FLAGS.write_manifest:
       os.makedirs(os.path.dirname(FLAGS.manifest), exist_ok=True)

@@ -23,7 +23,7 @@ import time
 
 from absl import app, flags
 
-from experiments.torch_stand_ins import load_authors_module
+from experiments.torch_stand_ins import load_authors_module, require_torch_and_repo
 
 flags.DEFINE_string("authors_repo", None, "Path to a checkout of github.com/SongtaoLiu0823/MLRA.")
 flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to compare (mha, mla, mlra4).")
@@ -117,14 +117,8 @@ def our_config(variant: str):
 
 def main(argv):
   del argv
-  if not FLAGS.authors_repo:
-    print("error: pass --authors_repo=PATH (a checkout of github.com/SongtaoLiu0823/MLRA)", file=sys.stderr)
-    sys.exit(2)
-  try:
-    import torch
-  except ImportError:
-    print("error: torch is not installed; run: .venv/bin/pip install -e '.[torch]'", file=sys.stderr)
-    sys.exit(2)
+  require_torch_and_repo(FLAGS.authors_repo)
+  import torch
   unknown = [v for v in FLAGS.variants if v not in AUTHORS_FILE]
   if unknown:
     print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)

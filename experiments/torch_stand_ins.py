@@ -60,3 +60,16 @@ def load_authors_module(repo: str, file: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def require_torch_and_repo(authors_repo: str | None) -> None:
+  """The commands that use the authors' code: a one-line error and exit 2 without
+  a checkout path or without torch."""
+  if not authors_repo:
+    print("error: pass --authors_repo=PATH (a checkout of github.com/SongtaoLiu0823/MLRA)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    print("error: torch is not installed; run: .venv/bin/pip install -e '.[torch]'", file=sys.stderr)
+    sys.exit(2)
