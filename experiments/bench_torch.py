@@ -118,6 +118,9 @@ def our_config(variant: str):
 def main(argv):
   del argv
   require_torch_and_repo(FLAGS.authors_repo)
+  from mla_jax.host_memory import reuse_freed_memory
+  # One process runs both sides, so both get the same allocator settings.
+  reused = reuse_freed_memory()
   import torch
   unknown = [v for v in FLAGS.variants if v not in AUTHORS_FILE]
   if unknown:
@@ -129,7 +132,8 @@ def main(argv):
   tokens = FLAGS.batch_size * FLAGS.seq_len
   print(f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens per step, fp32, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads) eager vs jax (jit); steps alternate between the two, "
-        f"medians of {FLAGS.steps} after {FLAGS.warmup} warm-up")
+        f"medians of {FLAGS.steps} after {FLAGS.warmup} warm-up; freed memory "
+        f"{'reused (mla_jax.host_memory)' if reused else 'returned to the OS'} on both sides")
   print(f"{'variant':<8} {'params (ours)':>14} {'params (theirs)':>16} {'ours tok/s':>11} "
         f"{'theirs tok/s':>13} {'speed-up':>9}")
   for variant in FLAGS.variants:

@@ -85,6 +85,8 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
 flags.DEFINE_enum("attention_impl", "einsum", ["einsum", "dpa"],
                   "Training attention: our einsums, or jax.nn.dot_product_attention (cuDNN on GPUs) "
                   "where the variant's shapes allow.")
+flags.DEFINE_integer("causal_chunks", 4, "einsum attention in training: split the queries into this "
+                     "many blocks, each scored only against the keys it can see (1 = one block).")
 
 # ---- data
 flags.DEFINE_enum("data", "synthetic_stories", ["synthetic_stories", "tinystories"], "Dataset.")
@@ -157,7 +159,7 @@ def model_config_from_flags(variant: str | None = None):
   """A ModelConfig from the model flags (or --preset), for `variant` (default --variant)."""
   from mla_jax import ModelConfig, attention_config, presets
   runtime = dict(dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers, remat=FLAGS.remat,
-                 attention_impl=FLAGS.attention_impl)
+                 attention_impl=FLAGS.attention_impl, causal_chunks=FLAGS.causal_chunks)
   if FLAGS.preset and variant is None:
     return presets.get(FLAGS.preset).replace(**runtime)
   v = variant or FLAGS.variant
@@ -375,6 +377,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+  from mla_jax.host_memory import reuse_freed_memory
+  reuse_freed_memory()  # before JAX allocates anything: CPU steps stop page-faulting
   try:
     if FLAGS.mode == "params":
       from mla_jax import presets
