@@ -3,6 +3,7 @@ and the masked softmax. The attention math itself lives in `mla_jax/attention/`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -113,15 +114,52 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
 
 
-def causal_mask(q_len: int, k_len: int) -> jax.Array:
-  """[q_len, k_len] mask for a query block that ends at the last key."""
-  offset = k_len - q_len
-  return jnp.arange(q_len)[:, None] + offset >= jnp.arange(k_len)[None, :]
+def _einsum_spec(spec: str) -> tuple[str, str, str]:
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  return lhs, rhs, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum(spec, a, b, out_dtype):
+  return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+
+
+def _einsum_fwd(spec, a, b, out_dtype):
+  return _einsum(spec, a, b, out_dtype), (a, b)
+
+
+def _einsum_bwd(spec, out_dtype, res, g):
+  # Each operand's gradient is itself one einsum, written in the operand's own
+  # axis order. JAX's generic dot_general transpose instead emits the product
+  # in another order and transposes it, which on XLA:CPU makes it copy-transpose
+  # the (larger) activation gradient before every weight-gradient matmul.
+  lhs, rhs, out = _einsum_spec(spec)
+  a, b = res
+  da = jnp.einsum(f"{out},{rhs}->{lhs}", g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{lhs},{out}->{rhs}", a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
+  """jnp.einsum of two operands with a hand-written backward (see `_einsum_bwd`).
+
+  The same math as jnp.einsum; the backward needs every index to appear in two
+  of (lhs, rhs, out), which holds for projections and attention contractions;
+  other specs fall back to jnp.einsum."""
+  lhs, rhs, out = _einsum_spec(spec)
+  if any(sum(c in t for t in (lhs, rhs, out)) < 2 for c in set(lhs + rhs)) or len(set(lhs)) != len(lhs) \
+      or len(set(rhs)) != len(rhs):
+    return jnp.einsum(spec, a, b, preferred_element_type=preferred_element_type)
+  return _einsum(spec, a, b, preferred_element_type)
 
 
 def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
   """einsum in the compute dtype (weights are stored in param_dtype)."""
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+  return einsum(spec, x.astype(dtype), w.astype(dtype))
 
 
 class SwiGLU(nnx.Module):

@@ -63,3 +63,28 @@ def test_layer_norm_matches_numpy():
   mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
   expected = (x - mu) / np.sqrt(var + 1e-5) * np.asarray(ln.scale[...]) + np.asarray(ln.bias[...])
   np.testing.assert_allclose(ln(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("bsd,df->bsf", [(2, 5, 6), (6, 7)]),                  # a projection
+    ("bsgjv,gjvd->bsd", [(2, 5, 2, 3, 4), (2, 3, 4, 6)]),  # an output projection over heads
+    ("btrgc,rgcjn->bgjrtn", [(2, 5, 2, 1, 4), (2, 1, 4, 3, 6)]),  # latent -> per-head keys
+    ("bsgjn,bgjrtn->bgjsrt", [(2, 4, 1, 3, 6), (2, 1, 3, 2, 5, 6)]),  # scores, batch axes shared
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_gradients_match_jax_autodiff(spec, shapes, dtype):
+  """layers.einsum writes its own backward; JAX's autodiff of jnp.einsum is the reference."""
+  import jax
+  from mla_jax.layers import einsum
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
+  out_shape = jnp.einsum(spec, a, b).shape
+  cot = jnp.asarray(rng.normal(size=out_shape), dtype)
+  ours = jax.grad(lambda a, b: jnp.vdot(einsum(spec, a, b).astype(jnp.float32), cot), argnums=(0, 1))(a, b)
+  want = jax.grad(lambda a, b: jnp.vdot(jnp.einsum(spec, a, b).astype(jnp.float32), cot), argnums=(0, 1))(a, b)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for got, ref in zip(ours, want):
+    assert got.dtype == ref.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+  np.testing.assert_array_equal(np.asarray(einsum(spec, a, b), np.float32),
+                                np.asarray(jnp.einsum(spec, a, b), np.float32))
