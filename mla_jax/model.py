@@ -46,7 +46,7 @@ class Block(nnx.Module):
                   init_std=config.init_std, out_std=out_std)
     self.attn_norm = _norm(config)
     self.attn = attn_cls(config.attention, d_model=config.d_model, attention_impl=config.attention_impl,
-                         **common)
+                         causal_chunks=config.causal_chunks, **common)
     self.mlp_norm = _norm(config)
     mlp_cls = SwiGLU if config.flavour == "llama" else GeluMLP
     self.mlp = mlp_cls(config.d_model, config.mlp_dim, **common)

@@ -81,14 +81,21 @@ def reference(x, positions, attn):
 CASES = ([(v, {}) for v in SMALL_ATTENTION] + [(v, {"gated": True}) for v in GATED] +
          [("mla", {"qk_rope_head_dim": 0, "scales": False}), ("mlra2", {"q_lora_rank": 0}),
           ("gla2", {"v_head_dim": 12}), ("gqa", {"rope": False}), ("mlra4", {"scales": False}),
-          ("gta", {"rope_head_dim": 2})])
+          ("gta", {"rope_head_dim": 2}),
+          # blocks of 4 < (d_n + d_r + d_v) / 2: trains through the absorbed form
+          ("mlra4", {"kv_lora_rank": 16}), ("mlra2", {"kv_lora_rank": 16})])
 
 
+# causal_chunks 4 over 9 tokens: query blocks of 2, 2, 2 and 3, each scored only
+# against the keys it can see
+@pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("variant,overrides", CASES)
-def test_module_matches_numpy_reference(variant, overrides):
+def test_module_matches_numpy_reference(variant, overrides, chunks):
   cfg = attention_config(variant, **dict(SMALL_ATTENTION[variant], **overrides))
-  attn = _registry()[variant][1](cfg, d_model=D, rngs=nnx.Rngs(0))
+  attn = _registry()[variant][1](cfg, d_model=D, rngs=nnx.Rngs(0), causal_chunks=chunks)
   randomize(attn, seed=11)
+  if overrides.get("kv_lora_rank") == 16:
+    assert attn.training_impl() == "absorbed"
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 9, D))
   positions = np.stack([np.arange(9), np.arange(9) + 17])   # RoPE away from zero too

@@ -40,8 +40,10 @@ def test_grad_accumulation_matches_one_big_batch():
     state, m = step(state, _tokens(config))
     out.append((float(m["loss"]), _params(state)))
   assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+  # Adam divides by sqrt(v): a near-zero gradient's rounding noise becomes a
+  # parameter change of up to ~lr * 1e-3 (here 3e-6)
   for k in out[0][1]:
-    np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-4, atol=5e-6, err_msg=k)
 
 
 def test_loss_falls_on_a_repeated_batch():

@@ -55,9 +55,16 @@ def causal_dpa(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True)
 
 
-def causal_mask(seq: int) -> jax.Array:
-  """[1, seq, seq]: query s sees keys t <= s."""
-  return jnp.tril(jnp.ones((seq, seq), bool))[None]
+def causal_mask(q_len: int, k_len: int) -> jax.Array:
+  """[1, q_len, k_len] for the last q_len of k_len positions: query s sees keys t <= s."""
+  return (jnp.arange(q_len)[:, None] + (k_len - q_len) >= jnp.arange(k_len)[None, :])[None]
+
+
+def query_blocks(seq: int, chunks: int) -> list[tuple[int, int]]:
+  """[lo, hi) bounds of `chunks` near-equal query blocks covering [0, seq)."""
+  chunks = max(1, min(chunks, seq))
+  bounds = [round(i * seq / chunks) for i in range(chunks + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
 
 
 def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
@@ -80,10 +87,11 @@ class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, d_model: int, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-               out_std: float = 0.0, attention_impl: str = "einsum"):
+               out_std: float = 0.0, attention_impl: str = "einsum", causal_chunks: int = 1):
     config.validate(d_model)
     self.config = config
     self.attention_impl = attention_impl
+    self.causal_chunks = causal_chunks
     self.d_model = d_model
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -108,10 +116,27 @@ class Attention(nnx.Module):
     """Training forward: causal attention over the sequence."""
     return self._causal(x, positions, self.cache_entries(x, positions))
 
+  def training_impl(self) -> str:
+    """How the training forward and prefill attend ('naive' or 'absorbed');
+    the latent family picks whichever costs fewer FLOPs per query-key pair."""
+    return "naive"
+
   def _causal(self, x, positions, kv):
+    """Causal attention of x over its own entries. Queries go in `causal_chunks`
+    blocks; block [lo, hi) is scored against keys [0, hi) only, so the score
+    blocks above the diagonal (about (n - 1) / 2n of them) are never computed,
+    in the forward or the backward."""
     if self.attention_impl == "dpa":
       return self.attend_dpa(x, positions, kv)
-    return self.attend(x, positions, kv, causal_mask(x.shape[1]))
+    impl = self.training_impl()
+    return self._by_query_block(x, positions, lambda x, positions, lo, hi: self.attend(
+        x, positions, {name: e[:, :hi] for name, e in kv.items()}, causal_mask(hi - lo, hi), impl))
+
+  def _by_query_block(self, x, positions, attend_block):
+    """Concatenate attend_block(x[:, lo:hi], positions[:, lo:hi], lo, hi) over the query blocks."""
+    outs = [attend_block(x[:, lo:hi], positions[:, lo:hi], lo, hi)
+            for lo, hi in query_blocks(x.shape[1], self.causal_chunks)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
     return cache_axes(self.config)

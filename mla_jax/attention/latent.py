@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
+from mla_jax.attention.base import Attention, causal_dpa, causal_mask, resolve_impl
 from mla_jax import compat, sharding
 from mla_jax.kernels import latent_decode as kernel
 from mla_jax.config import AttentionConfig, _check, register
@@ -234,30 +234,42 @@ class LatentAttention(Attention):
     return latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
 
   # --------------------------------------------------------------- attention
-  def _attend_expanded(self, x, positions, kv, mask):
-    """Re-expand per-head keys and values from the latent (training, naive decode).
-
-    Layouts keep (batch, group, head) leading so that every contraction is a
-    plain batched matmul on the CPU and GPU alike; the branch sum of MLRA is
-    folded into the probs @ values contraction (over branch and time at once).
-    """
-    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, n]
+  def _expand(self, kv):
+    """Per-head keys [B, G, J, R, T, d_n (+ d_r)] and values [B, G, J, R, T, d_v]
+    re-expanded from the latent. Layouts keep (batch, group, head) leading so
+    that every contraction is a plain batched matmul on the CPU and GPU alike."""
     latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
     w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    k_nope = dense(latent, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
+    key = dense(latent, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
     value = dense(latent, w_uv, "btrgc,rgcjv->bgjrtv", self.dtype)
     if self.config.qk_rope_head_dim:
       # K = [k_nope | k_pe] with the shared rope key copied to every block and head
       # (as the authors do): its gradient then sums over a key-sized tensor, not
       # over the (much larger) scores.
       k_pe = kv["rope_key"].astype(self.dtype)[:, None, None, None]          # [B, 1, 1, 1, T, e]
-      k_nope = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, k_nope.shape[:-1] + k_pe.shape[-1:])], -1)
-      q_nope = jnp.concatenate([q_nope, q_pe], -1)
-    scores = jnp.einsum("bsgjn,bgjrtn->bgjsrt", q_nope, k_nope, preferred_element_type=jnp.float32)
+      key = jnp.concatenate([key, jnp.broadcast_to(k_pe, key.shape[:-1] + k_pe.shape[-1:])], -1)
+    return key, value
+
+  def _attend_expanded(self, x, positions, kv, mask, expanded=None):
+    """Attention over per-head keys and values (training, naive decode); the
+    branch sum of MLRA is folded into the probs @ values contraction (over
+    branch and time at once). `expanded`: `_expand(kv)`, when already made."""
+    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, n]
+    key, value = self._expand(kv) if expanded is None else expanded
+    q = jnp.concatenate([q_nope, q_pe], -1) if self.config.qk_rope_head_dim else q_nope
+    scores = jnp.einsum("bsgjn,bgjrtn->bgjsrt", q, key, preferred_element_type=jnp.float32)
     scores = scores * self.softmax_scale
     probs = masked_softmax(scores, mask[:, None, None, :, None, :]).astype(value.dtype)
     y = jnp.einsum("bgjsrt,bgjrtv->bsgjv", probs, value) / math.sqrt(self.config.branches)
     return self._output(x, y)
+
+  def _causal(self, x, positions, kv):
+    if self.attention_impl == "dpa" or self.training_impl() != "naive":
+      return super()._causal(x, positions, kv)
+    # Expand once; each query block reads the prefix of keys it can see.
+    key, value = self._expand(kv)
+    return self._by_query_block(x, positions, lambda x, positions, lo, hi: self._attend_expanded(
+        x, positions, kv, causal_mask(hi - lo, hi), (key[..., :hi, :], value[..., :hi, :])))
 
   def _attend_absorbed(self, x, positions, kv, mask):
     """Attend over the latent itself; W_UK folds into the query, W_UV comes after."""
@@ -329,6 +341,15 @@ class LatentAttention(Attention):
     if x.shape[1] != 1:
       return "the kernel decodes one token per sequence"
     return kernel.unsupported(self.config.block_dim, self.config.qk_rope_head_dim)
+
+  def training_impl(self):
+    # Per query-key pair the expanded form multiplies over d_n + d_r (scores)
+    # and d_v (values); the absorbed form over d_b + d_r and d_b. Narrow blocks
+    # (MLRA's) make the absorbed form the cheaper one in training too.
+    cfg = self.config
+    expanded = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.value_dim
+    absorbed = 2 * cfg.block_dim + cfg.qk_rope_head_dim
+    return "absorbed" if absorbed < expanded else "naive"
 
   def attend(self, x, positions, kv, mask, impl="naive"):
     if impl in ("pallas", "auto"):
