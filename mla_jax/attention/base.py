@@ -67,6 +67,15 @@ def query_blocks(seq: int, chunks: int) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
+def by_query_block(block, seq: int, chunks: int, axis: int) -> jax.Array:
+  """Causal attention in query blocks: concatenates block(lo, hi), the output of
+  queries [lo, hi) attending to keys [0, hi), along `axis`. The score blocks
+  above the diagonal (about (n - 1) / 2n of them) are never computed, in the
+  forward or the backward."""
+  outs = [block(lo, hi) for lo, hi in query_blocks(seq, chunks)]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=axis)
+
+
 def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
   """Logical axes of each cache array: [cache_batch, cache_length, *per-token axes]."""
   return {name: ("cache_batch", "cache_length") + tuple(axes)
@@ -122,21 +131,16 @@ class Attention(nnx.Module):
     return "naive"
 
   def _causal(self, x, positions, kv):
-    """Causal attention of x over its own entries. Queries go in `causal_chunks`
-    blocks; block [lo, hi) is scored against keys [0, hi) only, so the score
-    blocks above the diagonal (about (n - 1) / 2n of them) are never computed,
-    in the forward or the backward."""
+    """Causal attention of x over its own entries, `causal_chunks` query blocks
+    at a time (see `by_query_block`). Generic form: each block calls `attend`
+    on the key prefix it can see; GQA and the latent family override this to
+    project once for all blocks."""
     if self.attention_impl == "dpa":
       return self.attend_dpa(x, positions, kv)
     impl = self.training_impl()
-    return self._by_query_block(x, positions, lambda x, positions, lo, hi: self.attend(
-        x, positions, {name: e[:, :hi] for name, e in kv.items()}, causal_mask(hi - lo, hi), impl))
-
-  def _by_query_block(self, x, positions, attend_block):
-    """Concatenate attend_block(x[:, lo:hi], positions[:, lo:hi], lo, hi) over the query blocks."""
-    outs = [attend_block(x[:, lo:hi], positions[:, lo:hi], lo, hi)
-            for lo, hi in query_blocks(x.shape[1], self.causal_chunks)]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return by_query_block(lambda lo, hi: self.attend(
+        x[:, lo:hi], positions[:, lo:hi], {name: e[:, :hi] for name, e in kv.items()},
+        causal_mask(hi - lo, hi), impl), x.shape[1], self.causal_chunks, axis=1)
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
     return cache_axes(self.config)

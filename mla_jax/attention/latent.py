@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa, causal_mask, resolve_impl
+from mla_jax.attention.base import Attention, by_query_block, causal_dpa, causal_mask, resolve_impl
 from mla_jax import compat, sharding
 from mla_jax.kernels import latent_decode as kernel
 from mla_jax.config import AttentionConfig, _check, register
@@ -250,12 +250,12 @@ class LatentAttention(Attention):
       key = jnp.concatenate([key, jnp.broadcast_to(k_pe, key.shape[:-1] + k_pe.shape[-1:])], -1)
     return key, value
 
-  def _attend_expanded(self, x, positions, kv, mask, expanded=None):
-    """Attention over per-head keys and values (training, naive decode); the
-    branch sum of MLRA is folded into the probs @ values contraction (over
-    branch and time at once). `expanded`: `_expand(kv)`, when already made."""
+  def _attend_expanded(self, x, positions, kv, mask):
+    """Attention over per-head keys and values (naive decode); the branch sum
+    of MLRA is folded into the probs @ values contraction (over branch and time
+    at once)."""
     q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, n]
-    key, value = self._expand(kv) if expanded is None else expanded
+    key, value = self._expand(kv)
     q = jnp.concatenate([q_nope, q_pe], -1) if self.config.qk_rope_head_dim else q_nope
     scores = jnp.einsum("bsgjn,bgjrtn->bgjsrt", q, key, preferred_element_type=jnp.float32)
     scores = scores * self.softmax_scale
@@ -264,12 +264,43 @@ class LatentAttention(Attention):
     return self._output(x, y)
 
   def _causal(self, x, positions, kv):
-    if self.attention_impl == "dpa" or self.training_impl() != "naive":
-      return super()._causal(x, positions, kv)
-    # Expand once; each query block reads the prefix of keys it can see.
-    key, value = self._expand(kv)
-    return self._by_query_block(x, positions, lambda x, positions, lo, hi: self._attend_expanded(
-        x, positions, kv, causal_mask(hi - lo, hi), (key[..., :hi, :], value[..., :hi, :])))
+    """Training and prefill: project (and expand or absorb) once, in heads-major
+    layouts, then each query block scores the key prefix it can see."""
+    if self.attention_impl == "dpa":
+      return self.attend_dpa(x, positions, kv)
+    cfg = self.config
+    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
+    heads_major = lambda a: a.transpose(0, 2, 3, 1, 4)            # noqa: E731  [B, G, J, S, *]
+    mask = lambda lo, hi: causal_mask(hi - lo, hi)[:, None, None, None]  # noqa: E731  over [.., S, T]
+    if self.training_impl() == "naive":
+      key, value = self._expand(kv)                               # [B, G, J, R, T, *]
+      q = heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
+
+      def block(lo, hi):
+        scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q[..., lo:hi, :], key[..., :hi, :],
+                            preferred_element_type=jnp.float32) * self.softmax_scale
+        probs = masked_softmax(scores, mask(lo, hi)).astype(value.dtype)
+        return jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, value[..., :hi, :])   # branch sum inside
+
+      y = by_query_block(block, x.shape[1], self.causal_chunks, axis=3).transpose(0, 3, 1, 2, 4)  # [B, S, G, J, v]
+    else:
+      w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
+      q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
+      latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype).transpose(0, 2, 3, 1, 4)  # [B, R, G, T, c]
+      q_pe = heads_major(q_pe)
+
+      def block(lo, hi):
+        scores = jnp.einsum("brgjsc,brgtc->brgjst", q_latent[..., lo:hi, :], latent[:, :, :, :hi],
+                            preferred_element_type=jnp.float32)
+        if cfg.qk_rope_head_dim:
+          scores = scores + jnp.einsum("bgjse,bte->bgjst", q_pe[..., lo:hi, :], kv["rope_key"][:, :hi].astype(
+              self.dtype), preferred_element_type=jnp.float32)[:, None]
+        probs = masked_softmax(scores * self.softmax_scale, mask(lo, hi)).astype(latent.dtype)
+        return jnp.einsum("brgjst,brgtc->brgjsc", probs, latent[:, :, :, :hi])
+
+      context = by_query_block(block, x.shape[1], self.causal_chunks, axis=4)    # [B, R, G, J, S, d_b]
+      y = dense(context, w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)
+    return self._output(x, y / math.sqrt(cfg.branches))
 
   def _attend_absorbed(self, x, positions, kv, mask):
     """Attend over the latent itself; W_UK folds into the query, W_UV comes after."""
