@@ -67,13 +67,36 @@ def query_blocks(seq: int, chunks: int) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def by_query_block(block, seq: int, chunks: int, axis: int) -> jax.Array:
-  """Causal attention in query blocks: concatenates block(lo, hi), the output of
-  queries [lo, hi) attending to keys [0, hi), along `axis`. The score blocks
-  above the diagonal (about (n - 1) / 2n of them) are never computed, in the
-  forward or the backward."""
-  outs = [block(lo, hi) for lo, hi in query_blocks(seq, chunks)]
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=axis)
+class QueryBlocks:
+  """Causal attention in query blocks: queries [lo, hi) attend to keys [0, hi)
+  only, so the score blocks above the diagonal (about (n - 1) / 2n of them) are
+  never computed, in the forward or the backward.
+
+  Arrays are cut with split / concatenate rather than sliced: the gradient of
+  a slice is a zero-padded full-length array per block, that of a split is a
+  concatenation."""
+
+  def __init__(self, seq: int, chunks: int):
+    self.bounds = query_blocks(seq, chunks)
+
+  def _parts(self, a, axis):
+    return jnp.split(a, [hi for _, hi in self.bounds[:-1]], axis=axis) if len(self.bounds) > 1 else [a]
+
+  def queries(self, a: jax.Array, axis: int) -> list[jax.Array]:
+    """Each block's own positions along `axis`."""
+    return self._parts(a, axis)
+
+  def keys(self, a: jax.Array, axis: int) -> list[jax.Array]:
+    """Each block's visible prefix along `axis`: [0, hi)."""
+    parts = self._parts(a, axis)
+    return [parts[0] if i == 0 else jnp.concatenate(parts[:i + 1], axis=axis) for i in range(len(parts))]
+
+  def masks(self) -> list[jax.Array]:
+    return [causal_mask(hi - lo, hi) for lo, hi in self.bounds]
+
+  @staticmethod
+  def join(outs: list[jax.Array], axis: int) -> jax.Array:
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=axis)
 
 
 def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
@@ -132,15 +155,18 @@ class Attention(nnx.Module):
 
   def _causal(self, x, positions, kv):
     """Causal attention of x over its own entries, `causal_chunks` query blocks
-    at a time (see `by_query_block`). Generic form: each block calls `attend`
-    on the key prefix it can see; GQA and the latent family override this to
+    at a time (see `QueryBlocks`). Generic form: each block calls `attend` on
+    the key prefix it can see; GQA and the latent family override this to
     project once for all blocks."""
     if self.attention_impl == "dpa":
       return self.attend_dpa(x, positions, kv)
     impl = self.training_impl()
-    return by_query_block(lambda lo, hi: self.attend(
-        x[:, lo:hi], positions[:, lo:hi], {name: e[:, :hi] for name, e in kv.items()},
-        causal_mask(hi - lo, hi), impl), x.shape[1], self.causal_chunks, axis=1)
+    blocks = QueryBlocks(x.shape[1], self.causal_chunks)
+    seen = {name: blocks.keys(entries, axis=1) for name, entries in kv.items()}
+    outs = [self.attend(x_b, pos_b, {name: seen[name][i] for name in kv}, mask, impl)
+            for i, (x_b, pos_b, mask) in enumerate(zip(blocks.queries(x, 1), blocks.queries(positions, 1),
+                                                      blocks.masks()))]
+    return blocks.join(outs, axis=1)
 
   def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
     return cache_axes(self.config)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import sharding
-from mla_jax.attention.base import Attention, by_query_block, causal_dpa, causal_mask, resolve_impl
+from mla_jax.attention.base import Attention, QueryBlocks, causal_dpa, resolve_impl
 from mla_jax.kernels import jax_decode
 from mla_jax.config import AttentionConfig, _check, register
 from mla_jax.layers import dense, masked_softmax, param, rope
@@ -134,15 +134,13 @@ class GQAAttention(Attention):
       return self.attend_dpa(x, positions, kv)
     q = self._queries(x, positions).transpose(0, 2, 3, 1, 4)                     # [B, K, G, S, D]
     k, v = (kv[name].astype(self.dtype).transpose(0, 2, 1, 3) for name in ("key", "value"))  # [B, K, T, D]
-
-    def block(lo, hi):
-      scores = jnp.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], k[:, :, :hi],
+    blocks, outs = QueryBlocks(x.shape[1], self.causal_chunks), []
+    for q_b, k_b, v_b, mask in zip(blocks.queries(q, 3), blocks.keys(k, 2), blocks.keys(v, 2), blocks.masks()):
+      scores = jnp.einsum("bkgsd,bktd->bkgst", q_b, k_b,
                           preferred_element_type=jnp.float32) / jnp.sqrt(self.config.head_dim)
-      probs = masked_softmax(scores, causal_mask(hi - lo, hi)[:, None, None]).astype(v.dtype)
-      return jnp.einsum("bkgst,bktd->bkgsd", probs, v[:, :, :hi])
-
-    y = by_query_block(block, x.shape[1], self.causal_chunks, axis=3)
-    return self._output(x, y.transpose(0, 3, 1, 2, 4))
+      probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
+      outs.append(jnp.einsum("bkgst,bktd->bkgsd", probs, v_b))
+    return self._output(x, blocks.join(outs, axis=3).transpose(0, 3, 1, 2, 4))
 
   def attend_dpa(self, x, positions, kv):
     cfg = self.config

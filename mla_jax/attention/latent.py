@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, by_query_block, causal_dpa, causal_mask, resolve_impl
+from mla_jax.attention.base import Attention, QueryBlocks, causal_dpa, resolve_impl
 from mla_jax import compat, sharding
 from mla_jax.kernels import latent_decode as kernel
 from mla_jax.config import AttentionConfig, _check, register
@@ -271,35 +271,31 @@ class LatentAttention(Attention):
     cfg = self.config
     q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
     heads_major = lambda a: a.transpose(0, 2, 3, 1, 4)            # noqa: E731  [B, G, J, S, *]
-    mask = lambda lo, hi: causal_mask(hi - lo, hi)[:, None, None, None]  # noqa: E731  over [.., S, T]
+    blocks, outs = QueryBlocks(x.shape[1], self.causal_chunks), []
     if self.training_impl() == "naive":
       key, value = self._expand(kv)                               # [B, G, J, R, T, *]
       q = heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
-
-      def block(lo, hi):
-        scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q[..., lo:hi, :], key[..., :hi, :],
-                            preferred_element_type=jnp.float32) * self.softmax_scale
-        probs = masked_softmax(scores, mask(lo, hi)).astype(value.dtype)
-        return jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, value[..., :hi, :])   # branch sum inside
-
-      y = by_query_block(block, x.shape[1], self.causal_chunks, axis=3).transpose(0, 3, 1, 2, 4)  # [B, S, G, J, v]
+      for q_b, k_b, v_b, mask in zip(blocks.queries(q, 3), blocks.keys(key, 4), blocks.keys(value, 4),
+                                     blocks.masks()):
+        scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q_b, k_b, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(value.dtype)
+        outs.append(jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, v_b))     # branch sum inside
+      y = blocks.join(outs, axis=3).transpose(0, 3, 1, 2, 4)      # [B, S, G, J, v]
     else:
       w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
       q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
       latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype).transpose(0, 2, 3, 1, 4)  # [B, R, G, T, c]
-      q_pe = heads_major(q_pe)
-
-      def block(lo, hi):
-        scores = jnp.einsum("brgjsc,brgtc->brgjst", q_latent[..., lo:hi, :], latent[:, :, :, :hi],
-                            preferred_element_type=jnp.float32)
-        if cfg.qk_rope_head_dim:
-          scores = scores + jnp.einsum("bgjse,bte->bgjst", q_pe[..., lo:hi, :], kv["rope_key"][:, :hi].astype(
-              self.dtype), preferred_element_type=jnp.float32)[:, None]
-        probs = masked_softmax(scores * self.softmax_scale, mask(lo, hi)).astype(latent.dtype)
-        return jnp.einsum("brgjst,brgtc->brgjsc", probs, latent[:, :, :, :hi])
-
-      context = by_query_block(block, x.shape[1], self.causal_chunks, axis=4)    # [B, R, G, J, S, d_b]
-      y = dense(context, w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)
+      rope_parts = [None] * len(blocks.bounds)
+      if cfg.qk_rope_head_dim:
+        rope_parts = zip(blocks.queries(heads_major(q_pe), 3), blocks.keys(kv["rope_key"].astype(self.dtype), 1))
+      for q_b, lat_b, rope_b, mask in zip(blocks.queries(q_latent, 4), blocks.keys(latent, 3), rope_parts,
+                                          blocks.masks()):
+        scores = jnp.einsum("brgjsc,brgtc->brgjst", q_b, lat_b, preferred_element_type=jnp.float32)
+        if rope_b is not None:   # one rope key per token, shared by every block and head
+          scores = scores + jnp.einsum("bgjse,bte->bgjst", *rope_b, preferred_element_type=jnp.float32)[:, None]
+        probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(latent.dtype)
+        outs.append(jnp.einsum("brgjst,brgtc->brgjsc", probs, lat_b))
+      y = dense(blocks.join(outs, axis=4), w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)
     return self._output(x, y / math.sqrt(cfg.branches))
 
   def _attend_absorbed(self, x, positions, kv, mask):
