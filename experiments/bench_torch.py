@@ -13,7 +13,9 @@ their save / load plumbing) by a minimal stand-in.
 
 Config (the runner issue's): Llama-3 flavour, 4 layers, d 256, 4 heads of 64,
 SwiGLU 688, vocab 4096, latent 128, rope 32 (query latent 128), batch 8 x 256,
-AdamW with clipping, fp32, both sides single-process on all CPU cores.
+AdamW with clipping, fp32, both sides single-process on all CPU cores, in one
+process with the same allocator settings (`mla_jax.host_memory`, which the
+runner uses too: freed memory is reused rather than mapped afresh each step).
 """
 from __future__ import annotations
 
