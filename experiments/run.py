@@ -85,8 +85,9 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
 flags.DEFINE_enum("attention_impl", "einsum", ["einsum", "dpa"],
                   "Training attention: our einsums, or jax.nn.dot_product_attention (cuDNN on GPUs) "
                   "where the variant's shapes allow.")
-flags.DEFINE_integer("causal_chunks", 4, "einsum attention in training: split the queries into this "
-                     "many blocks, each scored only against the keys it can see (1 = one block).")
+flags.DEFINE_integer("causal_chunks", 0, "einsum attention in training: split the queries into this "
+                     "many blocks, each scored only against the keys it can see (0 = one per 64 "
+                     "queries, at most 4; 1 = one block).")
 
 # ---- data
 flags.DEFINE_enum("data", "synthetic_stories", ["synthetic_stories", "tinystories"], "Dataset.")

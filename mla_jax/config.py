@@ -119,7 +119,8 @@ class ModelConfig:
   scan_layers: bool = False      # stack the layers' weights and lax.scan over them (fast compiles)
   remat: str = "none"            # recompute in the backward pass: none | full | dots | dots_no_batch
   attention_impl: str = "einsum"  # training attention: einsum | dpa (jax.nn.dot_product_attention)
-  causal_chunks: int = 4         # einsum attention: query blocks, each scoring only the keys it can see
+  causal_chunks: int = 0         # einsum attention: query blocks, each scoring only the keys it can see;
+                                 # 0 = one per 64 queries, at most 4
 
   FLAVOURS: ClassVar[tuple[str, ...]] = ("llama", "gpt2")
   REMAT: ClassVar[tuple[str, ...]] = ("none", "full", "dots", "dots_no_batch")
@@ -140,7 +141,8 @@ class ModelConfig:
     _check(self.remat in self.REMAT, f"unknown remat policy {self.remat!r}; choose one of {self.REMAT}")
     _check(self.attention_impl in self.ATTENTION_IMPLS,
            f"unknown attention_impl {self.attention_impl!r}; choose one of {self.ATTENTION_IMPLS}")
-    _check(self.causal_chunks >= 1, f"causal_chunks must be >= 1 (1 = one block), got {self.causal_chunks}")
+    _check(self.causal_chunks >= 0, f"causal_chunks must be >= 0 (0 = automatic, 1 = one block), "
+           f"got {self.causal_chunks}")
     self.attention.validate(self.d_model)
     if self.attention_impl == "dpa":
       why = self.attention.dpa_unsupported()

@@ -16,6 +16,8 @@ def test_query_blocks_cover_the_sequence():
   assert query_blocks(9, 4) == [(0, 2), (2, 4), (4, 7), (7, 9)]
   assert query_blocks(3, 8) == [(0, 1), (1, 2), (2, 3)]      # never an empty block
   assert query_blocks(256, 1) == [(0, 256)]
+  assert query_blocks(256, 0) == [(0, 64), (64, 128), (128, 192), (192, 256)]  # automatic
+  assert query_blocks(100, 0) == [(0, 100)] and len(query_blocks(4096, 0)) == 4
 
 
 def _loss_and_grads(config, tokens):
@@ -28,7 +30,7 @@ def _loss_and_grads(config, tokens):
 @pytest.mark.parametrize("variant,overrides", [(v, {}) for v in SMALL_ATTENTION] +
                          [("mlra4", {"kv_lora_rank": 16})])  # trains through the absorbed form
 def test_gradients_match_one_block(variant, overrides):
-  one = small_config(variant, **overrides)
+  one = small_config(variant, **overrides).replace(causal_chunks=1)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, one.vocab_size, (2, 12)), jnp.int32)
   loss_1, grads_1 = _loss_and_grads(one, tokens)
   loss_n, grads_n = _loss_and_grads(one.replace(causal_chunks=3), tokens)
@@ -41,5 +43,5 @@ def test_gradients_match_one_block(variant, overrides):
 
 
 def test_bad_causal_chunks_is_one_line_error():
-  with pytest.raises(ValueError, match="causal_chunks must be >= 1"):
-    small_config("mha").replace(causal_chunks=0)
+  with pytest.raises(ValueError, match="causal_chunks must be >= 0"):
+    small_config("mha").replace(causal_chunks=-1)

@@ -61,7 +61,11 @@ def causal_mask(q_len: int, k_len: int) -> jax.Array:
 
 
 def query_blocks(seq: int, chunks: int) -> list[tuple[int, int]]:
-  """[lo, hi) bounds of `chunks` near-equal query blocks covering [0, seq)."""
+  """[lo, hi) bounds of `chunks` near-equal query blocks covering [0, seq).
+  chunks 0: one block per 64 queries, at most 4 (smaller blocks save little of
+  the masked work and cost more, smaller ops; and compile time)."""
+  if chunks == 0:
+    chunks = min(4, seq // 64)
   chunks = max(1, min(chunks, seq))
   bounds = [round(i * seq / chunks) for i in range(chunks + 1)]
   return list(zip(bounds[:-1], bounds[1:]))
@@ -119,7 +123,7 @@ class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, d_model: int, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-               out_std: float = 0.0, attention_impl: str = "einsum", causal_chunks: int = 1):
+               out_std: float = 0.0, attention_impl: str = "einsum", causal_chunks: int = 0):
     config.validate(d_model)
     self.config = config
     self.attention_impl = attention_impl
