@@ -91,9 +91,10 @@ class QueryBlocks:
     return self._parts(a, axis)
 
   def keys(self, a: jax.Array, axis: int) -> list[jax.Array]:
-    """Each block's visible prefix along `axis`: [0, hi)."""
+    """Each block's visible prefix along `axis`: [0, hi) (the last block sees all of `a`)."""
     parts = self._parts(a, axis)
-    return [parts[0] if i == 0 else jnp.concatenate(parts[:i + 1], axis=axis) for i in range(len(parts))]
+    return [parts[0] if i == 0 else jnp.concatenate(parts[:i + 1], axis=axis)
+            for i in range(len(parts) - 1)] + [a]
 
   def masks(self) -> list[jax.Array]:
     return [causal_mask(hi - lo, hi) for lo, hi in self.bounds]

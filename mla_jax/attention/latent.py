@@ -250,18 +250,24 @@ class LatentAttention(Attention):
       key = jnp.concatenate([key, jnp.broadcast_to(k_pe, key.shape[:-1] + k_pe.shape[-1:])], -1)
     return key, value
 
-  def _attend_expanded(self, x, positions, kv, mask):
-    """Attention over per-head keys and values (naive decode); the branch sum
-    of MLRA is folded into the probs @ values contraction (over branch and time
-    at once)."""
-    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, n]
-    key, value = self._expand(kv)
+  def _heads_major_queries(self, x, positions):
+    """[q_nope | q_pe] laid out [B, G, J, S, d_n (+ d_r)], as `_expand`'s keys."""
+    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
     q = jnp.concatenate([q_nope, q_pe], -1) if self.config.qk_rope_head_dim else q_nope
-    scores = jnp.einsum("bsgjn,bgjrtn->bgjsrt", q, key, preferred_element_type=jnp.float32)
-    scores = scores * self.softmax_scale
-    probs = masked_softmax(scores, mask[:, None, None, :, None, :]).astype(value.dtype)
-    y = jnp.einsum("bgjsrt,bgjrtv->bsgjv", probs, value) / math.sqrt(self.config.branches)
-    return self._output(x, y)
+    return q.transpose(0, 2, 3, 1, 4)
+
+  def _expanded_attention(self, q, key, value, mask):
+    """q [B, G, J, S, *] over `_expand`'s keys and values, mask [B or 1, S, T]
+    -> [B, G, J, S, d_v]; the branch sum of MLRA is folded into the probs @
+    values contraction (over branch and time at once)."""
+    scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q, key, preferred_element_type=jnp.float32)
+    probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(value.dtype)
+    return jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, value)
+
+  def _attend_expanded(self, x, positions, kv, mask):
+    """Attention over per-head keys and values re-expanded from the latent (naive decode)."""
+    y = self._expanded_attention(self._heads_major_queries(x, positions), *self._expand(kv), mask)
+    return self._output(x, y.transpose(0, 3, 1, 2, 4) / math.sqrt(self.config.branches))
 
   def _causal(self, x, positions, kv):
     """Training and prefill: project (and expand or absorb) once, in heads-major
@@ -269,25 +275,22 @@ class LatentAttention(Attention):
     if self.attention_impl == "dpa":
       return self.attend_dpa(x, positions, kv)
     cfg = self.config
-    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
-    heads_major = lambda a: a.transpose(0, 2, 3, 1, 4)            # noqa: E731  [B, G, J, S, *]
     blocks, outs = QueryBlocks(x.shape[1], self.causal_chunks), []
     if self.training_impl() == "naive":
-      key, value = self._expand(kv)                               # [B, G, J, R, T, *]
-      q = heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
+      q, (key, value) = self._heads_major_queries(x, positions), self._expand(kv)
       for q_b, k_b, v_b, mask in zip(blocks.queries(q, 3), blocks.keys(key, 4), blocks.keys(value, 4),
                                      blocks.masks()):
-        scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q_b, k_b, preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(value.dtype)
-        outs.append(jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, v_b))     # branch sum inside
+        outs.append(self._expanded_attention(q_b, k_b, v_b, mask))
       y = blocks.join(outs, axis=3).transpose(0, 3, 1, 2, 4)      # [B, S, G, J, v]
     else:
+      q_nope, q_pe = self._queries(x, positions)                  # [B, S, G, J, *]
       w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
       q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
       latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype).transpose(0, 2, 3, 1, 4)  # [B, R, G, T, c]
       rope_parts = [None] * len(blocks.bounds)
       if cfg.qk_rope_head_dim:
-        rope_parts = zip(blocks.queries(heads_major(q_pe), 3), blocks.keys(kv["rope_key"].astype(self.dtype), 1))
+        rope_parts = zip(blocks.queries(q_pe.transpose(0, 2, 3, 1, 4), 3),
+                         blocks.keys(kv["rope_key"].astype(self.dtype), 1))
       for q_b, lat_b, rope_b, mask in zip(blocks.queries(q_latent, 4), blocks.keys(latent, 3), rope_parts,
                                           blocks.masks()):
         scores = jnp.einsum("brgjsc,brgtc->brgjst", q_b, lat_b, preferred_element_type=jnp.float32)
