@@ -40,7 +40,12 @@ VARIANTS = {
     "gta": ("gta", dict(head_dim=16, group_size=2)),
     "tpa": ("tpa", dict(head_dim=16, rank=2, q_rank=3)),
     "mfa": ("mfa", dict(head_dim=32, share_q_dim=32)),
+    # their scale ablation: the same tensors, no q / kv / branch scales (imported with scales=False)
+    "mla_no_scale": ("mla_no_scale", LATENT),
+    "gla2_no_scale": ("gla_2_no_scale", LATENT),
+    "mlra2_no_scale": ("mlra_2_no_scale", LATENT),
 }
+NO_SCALE = "_no_scale"
 
 flags.DEFINE_string("authors_repo", None, "A checkout of github.com/SongtaoLiu0823/MLRA.")
 flags.DEFINE_list("variants", list(VARIANTS), "Variants to check.")
@@ -70,7 +75,7 @@ def build(repo: str, variant: str, seed: int = 0):
 
 def manifest(repo: str) -> dict:
   out = {}
-  for variant in VARIANTS:
+  for variant in (v for v in VARIANTS if not v.endswith(NO_SCALE)):   # same tensors as the scaled files
     model, config = build(repo, variant)
     out[variant] = {"authors_file": f"model/{VARIANTS[variant][0]}.py", "config": config,
                     "tensors": {k: list(v.shape) for k, v in model.state_dict().items()}}
@@ -85,7 +90,9 @@ def compare(repo: str, variant: str) -> float:
   from mla_jax import convert
   model, config = build(repo, variant)
   tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  ours = convert.to_model(convert.base_variant(variant), tensors, config_json=config)
+  name = variant[: -len(NO_SCALE)] if variant.endswith(NO_SCALE) else variant
+  ours = convert.to_model(convert.base_variant(name), tensors, config_json=config,
+                          scales=not variant.endswith(NO_SCALE))
   tokens = np.random.default_rng(0).integers(0, config["vocab_size"], (2, 24))
   with torch.no_grad():
     theirs, _ = model(torch.as_tensor(tokens), output_all_seq=True)
@@ -108,7 +115,7 @@ def main(argv):
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
       diff = compare(FLAGS.authors_repo, variant)
       worst = max(worst, diff)
-      print(f"{variant:12s} max |logits ours - theirs| = {diff:.2e}", flush=True)
+      print(f"{variant:15s} max |logits ours - theirs| = {diff:.2e}", flush=True)
     print("converted weights give the authors' logits" if worst < 1e-3 else "MISMATCH")
     sys.exit(0 if worst < 1e-3 else 1)
   except ValueError as e:

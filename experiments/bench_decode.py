@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat, sharding
-from mla_jax.config import ModelConfig
-from mla_jax.model import Transformer
+from mla_jax.config import ModelConfig, RunOptions
+from mla_jax.model import Transformer, with_options
 
 # HBM bandwidth by device kind (bytes/s), for the fraction-of-peak column.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "H800": 3.35e12, "L4": 0.3e12}
@@ -44,11 +44,38 @@ def peak_bandwidth() -> float | None:
   return next((v for k, v in PEAK_BANDWIDTH.items() if k in kind), None)
 
 
+class DecodeStep:
+  """One jitted decode step of `model` over a full cache of `context` slots, the
+  cache donated and fed back as generation does."""
+
+  def __init__(self, model: Transformer, batch: int, context: int):
+    graphdef, self.state = nnx.split(model)
+
+    def step(state, tokens, cache, lengths):
+      return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths)
+
+    self.cache = jax.jit(lambda: model.init_cache(batch, context))()
+    self.tokens = jnp.zeros((batch,), jnp.int32)
+    self.lengths = jnp.full((batch,), context - 1, jnp.int32)       # attend over the whole cache
+    self.compiled = jax.jit(step, donate_argnums=(2,)).lower(self.state, self.tokens, self.cache,
+                                                             self.lengths).compile()
+
+  def __call__(self) -> float:
+    """Run one step; its wall time in seconds."""
+    t0 = time.perf_counter()
+    logits, self.cache = self.compiled(self.state, self.tokens, self.cache, self.lengths)
+    jax.block_until_ready(logits)
+    return time.perf_counter() - t0
+
+
 def bench(config: ModelConfig, *, impls, batches, contexts, steps: int = 10, warmup: int = 2,
-          cache_dtype=jnp.bfloat16, mesh_spec: str = "", seed: int = 0) -> list[Cell]:
+          options: RunOptions = RunOptions(cache_dtype="bfloat16"), mesh_spec: str = "",
+          seed: int = 0) -> list[Cell]:
+  """One cell per (decode path, batch, context): the median of `steps` timed decode
+  steps over a full cache (`options` give the cache dtype; `impls` the paths)."""
   mesh = sharding.make_mesh(mesh_spec, config)
-  model = sharding.shard_module(Transformer(config, rngs=nnx.Rngs(seed)), mesh)
-  graphdef, state = nnx.split(model)
+  base = sharding.shard_module(Transformer(config, rngs=nnx.Rngs(seed), options=options), mesh)
+  cache_dtype = options.cache_jnp_dtype
   itemsize = jnp.dtype(cache_dtype).itemsize
   peak = peak_bandwidth() if compat.on_gpu() else None
   cells = []
@@ -61,27 +88,14 @@ def bench(config: ModelConfig, *, impls, batches, contexts, steps: int = 10, war
         if impl == "pallas" and not compat.on_gpu():
           cell.skipped = "no GPU: the Pallas kernels would run in interpret mode"
           continue
-
-        def step(state, tokens, cache, lengths, impl=impl):
-          return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths, impl)
-
         with sharding.use_mesh(mesh):
-          cache = jax.jit(lambda: model.init_cache(batch, context, cache_dtype))()
-          tokens = jnp.zeros((batch,), jnp.int32)
-          lengths = jnp.full((batch,), context - 1, jnp.int32)      # attend over the whole cache
           try:
-            compiled = jax.jit(step, donate_argnums=(2,)).lower(state, tokens, cache, lengths).compile()
+            step = DecodeStep(with_options(base, decode_impl=impl), batch, context)
           except ValueError as e:                                      # e.g. no kernel for this shape
             cell.skipped = str(e).split(";")[0]
             continue
-          cell.xla_bytes = int(compat.cost_analysis(compiled).get("bytes accessed", 0))
-          times = []
-          for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            logits, cache = compiled(state, tokens, cache, lengths)
-            jax.block_until_ready(logits)
-            if i >= warmup:
-              times.append(time.perf_counter() - t0)
+          cell.xla_bytes = int(compat.cost_analysis(step.compiled).get("bytes accessed", 0))
+          times = [step() for _ in range(warmup + steps)][warmup:]
         cell.step_ms = 1e3 * statistics.median(times)
         cell.tokens_per_s = batch / (cell.step_ms / 1e3)
         if peak:

@@ -11,12 +11,13 @@ Runs go seed by seed (every configuration's seed 0 first), finished runs are
 skipped, a killed run resumes from its last checkpoint, so a sweep can span
 several sittings. Several workers can share a sweep (e.g. one per core:
 `taskset -c 0 ... &  taskset -c 1 ...`): each claims a run with a lock file
-before starting it, and the data is built once under a lock. After
-training, each variant's decode speed is measured (`bench_decode`, absorbed
-path) and judge-free sample metrics are computed on fixed prompts (distinct-n
-and repetition rate: no LLM judge can be reached here). The results page
-(markdown + PNGs) is rebuilt from what the runs wrote: every number on it comes
-from a run directory's files.
+before starting it, and the data is built once under a lock. Each run's
+configs come from the runner's own flag mapping (`experiments.options.parse`
+of its flagfile and flags) and it trains in this process; after training,
+`experiments.post_run` measures decode speed and judge-free sample metrics on
+fixed prompts (distinct-n and repetition rate: no LLM judge can be reached
+here). The results page (markdown + PNGs) is rebuilt from what the runs wrote:
+every number on it comes from a run directory's files.
 """
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import options, post_run, trainer
+from mla_jax.host_memory import reuse_freed_memory
+from mla_jax.model import count_params
 
 flags.DEFINE_string("sweep", None, "The sweep file.")
 flags.DEFINE_string("runs_dir", "runs/sweeps", "Where the runs' directories go.")
@@ -52,10 +56,7 @@ FLAGS = flags.FLAGS
 # What a run's summary.json holds; a summary of another version is written again
 # (the run resumes from its last checkpoint with no steps left, only the post-run).
 SUMMARY_VERSION = 2
-
-PROMPTS = ["Once upon a time", "One day, a little girl named", "The dog was", "Tom and his mom went to",
-           "It was a rainy day.", "Lily found a", "The little bird wanted to", "At the park,",
-           "Ben was sad because", "In the forest, there was"]
+PROMPTS = post_run.PROMPTS
 
 
 @dataclasses.dataclass
@@ -112,76 +113,32 @@ def parse(path: str) -> list[Run]:
   return sorted(runs, key=lambda r: (seed_rank[(r.name, r.seed)], order[r.name]))
 
 
-def _argvs(runs: list[Run]) -> dict[str, list[str]]:
-  """name -> the runner's command line of each configuration (seeds aside)."""
-  argvs = {}
+def run_flags(run: Run, *extra: str):
+  """The runner's flags of `run` (its flagfile, then its own flags, then `extra`), parsed in-process."""
+  try:
+    return options.parse(["run", f"--flagfile={run.flagfile}", *run.extra, *extra])
+  except flags.Error as e:
+    raise ValueError(f"run {run.name}: {e}") from None
+
+
+def configs(runs: list[Run]) -> dict:
+  """name -> ModelConfig of each configuration (seeds aside)."""
+  out = {}
   for r in runs:
-    argvs.setdefault(r.name, ["run", f"--flagfile={r.flagfile}", *r.extra])
-  return argvs
-
-
-def _python(code: str, error, what: str):
-  """Run `code` in a fresh Python; its last stdout line is JSON."""
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  if out.returncode:
-    raise error(f"{what}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+    if r.name not in out:
+      try:
+        out[r.name] = options.model_config(run_flags(r))
+      except ValueError as e:
+        raise ValueError(f"run {r.name}: {e}") from None
+  return out
 
 
 def describe(runs: list[Run]) -> dict[str, dict]:
-  """name -> parameter counts and cache per token of each configuration, from the
-  same flag parsing the runner uses (one subprocess; nothing is compiled)."""
-  code = f"""
-import json
-from experiments.sweep_configs import configs  # the runner's flag parsing, in a fresh process
-from mla_jax.model import count_params
-out = {{}}
-for name, c in configs({_argvs(runs)!r}):
-  out[name] = dict(params=count_params(c), cache_per_token=c.cache_elements_per_token(),
-                   layers=c.num_layers, variant=c.attention.variant,
-                   rope=bool(getattr(c.attention, "rope", False) or getattr(c.attention, "qk_rope_head_dim", 0)))
-print(json.dumps(out))
-"""
-  return _python(code, ValueError, "a run's flags do not build a model")
-
-
-def bench_decode_side_by_side(runs: list[Run], batch: int, context: int, rounds: int) -> dict:
-  """name -> median decode-step ms of each configuration (absorbed path, fp32 cache,
-  the GPT-2 flavour capped at its position table), timed in one process in
-  interleaved rounds so that every configuration sees the same machine state."""
-  code = f"""
-import json, statistics, time, jax, jax.numpy as jnp
-from flax import nnx
-from experiments.sweep_configs import configs
-from mla_jax.model import Transformer
-steps = {{}}
-for name, c in configs({_argvs(runs)!r}):
-  context = min({context}, c.max_seq_len) if c.flavour == "gpt2" else {context}
-  model = Transformer(c, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  def step(state, tokens, cache, lengths, graphdef=graphdef):
-    return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths, "absorbed")
-  cache = jax.jit(lambda m=model, context=context: m.init_cache({batch}, context, jnp.float32))()
-  tokens, lengths = jnp.zeros(({batch},), jnp.int32), jnp.full(({batch},), context - 1, jnp.int32)
-  # the cache is donated and fed back, as in generation: the step updates it in place
-  fn = jax.jit(step, donate_argnums=(2,)).lower(state, tokens, cache, lengths).compile()
-  _, cache = jax.block_until_ready(fn(state, tokens, cache, lengths))
-  steps[name] = [fn, state, tokens, cache, lengths, context]
-times = {{n: [] for n in steps}}
-for _ in range({rounds}):
-  for name, entry in steps.items():
-    fn, state, tokens, cache, lengths, _ = entry
-    t = []
-    for _ in range(10):
-      t0 = time.perf_counter()
-      _, cache = jax.block_until_ready(fn(state, tokens, cache, lengths))
-      t.append(time.perf_counter() - t0)
-    entry[3] = cache
-    times[name].append(statistics.median(t))
-print(json.dumps({{n: dict(step_ms=1e3 * statistics.median(v), batch={batch}, context=steps[n][5], rounds={rounds})
-                  for n, v in times.items()}}))
-"""
-  return _python(code, RuntimeError, "decode benchmark failed")
+  """name -> parameter counts and cache per token of each configuration (nothing is compiled)."""
+  return {name: dict(params=count_params(c), cache_per_token=c.cache_elements_per_token(), layers=c.num_layers,
+                     variant=c.attention.variant,
+                     rope=bool(getattr(c.attention, "rope", False) or getattr(c.attention, "qk_rope_head_dim", 0)))
+          for name, c in configs(runs).items()}
 
 
 def check_matches(runs: list[Run], info: dict[str, dict], tolerance: float) -> None:
@@ -268,78 +225,29 @@ def release(run: Run, sweep: str) -> None:
 
 def train(run: Run, sweep: str, progress: str = "") -> None:
   d = run.directory(sweep)
-  cmd = [sys.executable, "-m", "experiments.run", f"--flagfile={run.flagfile}", *run.extra,
-         f"--seed={run.seed}", f"--output_dir={d}", f"--data_dir={FLAGS.data_dir}", "--noprogress"]
-  print(f"[sweep] {progress} {run.name} seed {run.seed}: {' '.join(cmd[2:])}", flush=True)
+  extra = [f"--seed={run.seed}", f"--output_dir={d}", f"--data_dir={FLAGS.data_dir}", "--noprogress"]
+  print(f"[sweep] {progress} {run.name} seed {run.seed}: training {' '.join([run.flagfile, *run.extra, *extra])}",
+        flush=True)
   t0 = time.time()
-  out = subprocess.run(cmd, capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(f"run {run.name} seed {run.seed} failed:\n{out.stderr[-3000:]}")
+  try:
+    c = options.build(run_flags(run, *extra))
+    result = trainer.train(c.model, c.train, c.data, c.loop, c.options)
+  except ValueError as e:
+    raise RuntimeError(f"run {run.name} seed {run.seed} failed: {e}") from None
   previous = 0.0     # wall time of earlier sittings that finished (a post-run redone after an update)
   if os.path.exists(os.path.join(d, "summary.json")):
     with open(os.path.join(d, "summary.json")) as f:
       previous = json.load(f).get("wall_s", 0.0)
-  summary = {"version": SUMMARY_VERSION, "wall_s": previous + time.time() - t0, "stdout": out.stdout[-4000:]}
-  summary.update(_post_run(run, d))
+  summary = {"version": SUMMARY_VERSION, "wall_s": previous + time.time() - t0,
+             "eval": result.get("eval"), "resumed_from": result.get("resumed_from")}
+  summary.update(post_run.post_run(d, num_prompts=FLAGS.sample_prompts, bench_batch=FLAGS.bench_batch,
+                                   bench_context=FLAGS.bench_context))
   with open(os.path.join(d, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   logs = log_directory(run, sweep)
   os.makedirs(logs, exist_ok=True)
   for name in ("metrics.jsonl", "summary.json"):
     shutil.copyfile(os.path.join(d, name), os.path.join(logs, name))
-
-
-def _post_run(run: Run, d: str) -> dict:
-  """Decode speed and judge-free sample metrics of the finished run."""
-  code = f"""
-import json, time, numpy as np, jax, jax.numpy as jnp
-from experiments import trainer
-from mla_jax.generate import generate, Sampling
-from mla_jax.model import count_params
-config, model, tok, meta, _ = trainer.load_run({d!r})
-prompts = {PROMPTS[:FLAGS.sample_prompts]!r}
-ids = [tok.encode(p) for p in prompts]
-width = max(len(i) for i in ids)
-batch = np.zeros((len(ids), width), np.int32)
-for b, i in enumerate(ids): batch[b, :len(i)] = i
-lens = np.array([len(i) for i in ids])
-kw = dict(max_new_tokens=96, rng=0, sampling=Sampling(0.8, 40, 0.95), stop_token=tok.eos_id, pad_token=tok.eos_id, decode_impl="absorbed")
-generate(model, batch, lens, **kw)            # compile
-t0 = time.perf_counter(); out = generate(model, batch, lens, **kw); dt = time.perf_counter() - t0
-gen = [[int(t) for t in row[:n] if int(t) != tok.eos_id] for row, n in zip(out.tokens, out.lengths)]
-texts = [tok.decode(g) for g in gen]
-samples = [tok.decode(list(i) + g) for i, g in zip(ids, gen)]
-from experiments.bench_decode import bench
-# one decode step over a full cache: where the cache size shows in the step time
-cell = bench(config, impls=["absorbed"], batches=[{FLAGS.bench_batch}], contexts=[config.max_seq_len if config.flavour == "gpt2" else {FLAGS.bench_context}], steps=20, cache_dtype=jnp.float32)[0]
-print(json.dumps({{"texts": texts, "samples": samples, "decode_tokens_per_s": float(out.lengths.sum() / dt),
-                  "decode_step_ms": cell.step_ms, "decode_batch": cell.batch, "decode_context": cell.context,
-                  "params": count_params(config), "cache_per_token": config.cache_elements_per_token(),
-                  "layers": config.num_layers}}))
-"""
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(f"post-run of {run.name} failed:\n{out.stderr[-3000:]}")
-  info = json.loads(out.stdout.strip().splitlines()[-1])
-  info.update(sample_metrics(info["texts"]))
-  return info
-
-
-def sample_metrics(texts: list[str]) -> dict:
-  """distinct-n (unique n-grams / n-grams, over all samples) and the share of
-  repeated 4-grams within a sample: judge-free signs of fluent, varied text."""
-  words = [t.lower().split() for t in texts]
-  out = {}
-  for n in (1, 2, 3):
-    grams = [tuple(w[i:i + n]) for w_ in words for w in [w_] for i in range(len(w) - n + 1)]
-    out[f"distinct_{n}"] = len(set(grams)) / max(1, len(grams))
-  reps = []
-  for w in words:
-    grams = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
-    if grams:
-      reps.append(1 - len(set(grams)) / len(grams))
-  out["repetition_4gram"] = statistics.mean(reps) if reps else 0.0
-  return out
 
 
 # ----------------------------------------------------------------------------- results page
@@ -520,6 +428,7 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
 
 def main(argv):
   del argv
+  reuse_freed_memory()  # before JAX allocates anything (see mla_jax/host_memory.py)
   if not FLAGS.sweep:
     print("error: pass --sweep=FILE (see experiments/sweeps/)", file=sys.stderr)
     sys.exit(2)
@@ -561,7 +470,8 @@ def main(argv):
   bench_path = os.path.join(FLAGS.results_dir, f"{sweep}_logs", "decode_bench.json")
   if FLAGS.bench_decode:
     print(f"[sweep] timing every configuration's decode step side by side ({FLAGS.bench_rounds} rounds)", flush=True)
-    timings = bench_decode_side_by_side(runs, FLAGS.bench_batch, FLAGS.bench_context, FLAGS.bench_rounds)
+    timings = post_run.bench_side_by_side(configs(runs), batch=FLAGS.bench_batch, context=FLAGS.bench_context,
+                                          rounds=FLAGS.bench_rounds)
     os.makedirs(os.path.dirname(bench_path), exist_ok=True)
     with open(bench_path, "w") as f:
       json.dump(timings, f, indent=1)

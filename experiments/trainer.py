@@ -22,9 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from mla_jax import compat, sharding
+from experiments.specs import DataSpec, LoopSpec
+from mla_jax import compat, registry, sharding
 from mla_jax import train as T
-from mla_jax.config import ModelConfig
+from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.data import builders, pipeline
 from mla_jax.data import tokenizer as tok
 from mla_jax.generate import Sampling, generate
@@ -32,24 +33,6 @@ from mla_jax.generate import Sampling, generate
 
 class RunError(ValueError):
   """A problem with the user's input, reported as one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  kind: str = "synthetic_stories"     # or "tinystories"
-  data_dir: str = "~/.cache/mla_jax"
-  num_train: int = 100_000
-  num_validation: int = 2_000
-  seed: int = 0
-  tinystories_train: str = ""
-  tinystories_valid: str = ""
-  tokenizer: str = ""                 # a file, or "" to train SentencePiece
-  vocab_size: int = 4096
-  tokenizer_docs: int = 20_000        # training stories read to fit the tokenizer
-
-  @property
-  def root(self) -> str:
-    return os.path.abspath(os.path.expanduser(self.data_dir))
 
 
 @dataclasses.dataclass
@@ -236,22 +219,18 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int = 0,
   return prompt + tokenizer.decode(new)
 
 
-def _meta(config: ModelConfig, tc: T.TrainConfig, data: Data, step: int) -> dict:
-  return {"model_config": config.to_dict(), "train_config": dataclasses.asdict(tc),
-          "tokenizer": getattr(data.tokenizer, "path", ""), "tokenizer_name": data.tokenizer.name,
-          "data": data.key, "step": step}
+def _meta(config: ModelConfig, options: RunOptions, tc: T.TrainConfig, data: Data, step: int) -> dict:
+  return T.run_meta(config, options, tc, tokenizer=getattr(data.tokenizer, "path", ""),
+                    tokenizer_name=data.tokenizer.name, data=data.key, step=step)
 
 
 def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
-  """The step to resume from, after checking the saved model matches this one."""
+  """The step to resume from, after checking the saved model matches this one
+  (how the run executes, its RunOptions, may change on resume)."""
   step = ckpt.latest_step()
   if step is None:
     return None
-  saved = ckpt.read_meta(step)["model_config"]
-  # how the run executes (compute dtype, remat, attention kernel) may change on resume
-  runtime = set(ModelConfig.RUNTIME_FIELDS)
-  diff = T.config_mismatch({k: v for k, v in saved.items() if k not in runtime},
-                           {k: v for k, v in config.to_dict().items() if k not in runtime})
+  diff = T.config_mismatch(ckpt.read_meta(step)["model_config"], config.to_dict())
   if diff:
     raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
                    "pass matching model flags to resume it, or a new --output_dir")
@@ -261,24 +240,8 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
 # ----------------------------------------------------------------------------- train
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopSpec:
-  output_dir: str
-  mesh: str = ""
-  rules: str = "default"
-  log_every: int = 10
-  eval_every: int = 200
-  eval_batches: int = 8
-  eval_batch_size: int = 16
-  ckpt_every: int = 200
-  keep_checkpoints: int = 3
-  async_checkpoints: bool = True
-  prompt: str = "Once upon a time"
-  sample_tokens: int = 120
-  progress: bool = True
-
-
-def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: LoopSpec) -> dict:
+def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: LoopSpec,
+          options: RunOptions = RunOptions()) -> dict:
   """Train (resuming when the run directory has checkpoints). Returns a summary."""
   os.makedirs(loop.output_dir, exist_ok=True)
   ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
@@ -300,7 +263,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                    f"{config.vocab_size} embedding rows; raise the model's vocab_size")
 
-  graphdef, state, shardings = T.create_state(config, tc, mesh, rules)
+  graphdef, state, shardings = T.create_state(config, tc, mesh, rules, options)
   iterator = pipeline.PackedBatches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
                                     batch_size=tc.batch_size, seed=tc.seed,
                                     rows=pipeline.process_rows(tc.batch_size, rank, processes))
@@ -355,7 +318,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
         bar.write(f"step {step}: validation loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
         summary["eval"] = ev
       if step % loop.ckpt_every == 0 or step == tc.steps:
-        ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, tc, data, step))
+        ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, options, tc, data, step))
         last_good = step
     ckpt.wait()
   finally:
@@ -383,9 +346,7 @@ def _restore_params(ckpt, step, state, shardings):
   abstract = T.abstract_with_shardings(
       jax.eval_shape(lambda: {"params": state["params"], "step": state["step"]}),
       {"params": shardings["params"], "step": shardings["step"]})
-  restored = ckpt.manager.restore(step, args=ckpt._ocp.args.Composite(
-      state=ckpt._ocp.args.StandardRestore(abstract)))
-  return restored["state"]["params"]
+  return ckpt.restore_params(abstract["params"], abstract["step"], step)
 
 
 def restore_converted_params(run_dir: str):
@@ -393,8 +354,11 @@ def restore_converted_params(run_dir: str):
   return load_run(run_dir, need_tokenizer=False)[1]
 
 
-def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True):
-  """(config, model, tokenizer, meta) from the latest checkpoint of a run."""
+def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True,
+             options: RunOptions = RunOptions(), tokenizer: str = ""):
+  """(config, model, tokenizer, meta, (graphdef, state, mesh, rules)) from the latest
+  checkpoint of a run, the model under `options` (remat never applies here);
+  `tokenizer` stands in when the one the run recorded is missing."""
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise RunError(f"no checkpoints in {run_dir}: train first (--mode=train --output_dir={run_dir})")
@@ -403,29 +367,36 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
   if step is None:
     raise RunError(f"no finished checkpoint in {ckpt_dir}: train first")
   meta = ckpt.read_meta(step)
-  config = ModelConfig.from_dict(meta["model_config"]).replace(remat="none")
+  config = registry.config_from_dict(meta["model_config"])
+  options = options.replace(remat="none")
   tc = T.TrainConfig(**meta["train_config"])
   rules = sharding.rules_preset(rules_name)
   mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
-  graphdef, state, shardings = T.create_state(config, tc, mesh, rules)
+  graphdef, state, shardings = T.create_state(config, tc, mesh, rules, options)
   if "converted_from" in meta:
     state = {**state, "params": _restore_params(ckpt, step, state, shardings)}
   else:
     abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     state, _, _ = ckpt.restore(abstract, step)
   ckpt.close()
-  tokenizer = None
+  loaded = None
   if need_tokenizer:
-    if not meta.get("tokenizer") or not os.path.exists(meta["tokenizer"]):
-      raise RunError(f"the run's tokenizer {meta.get('tokenizer')!r} is missing: this run has none "
-                     "recorded (an imported checkpoint?); pass --tokenizer=PATH")
-    tokenizer = tok.load(meta["tokenizer"])
-  return config, T.model_from_state(graphdef, state), tokenizer, meta, (graphdef, state, mesh, rules)
+    path = meta.get("tokenizer") or ""
+    if not os.path.exists(path):
+      if not tokenizer:
+        raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
+                       "recorded none); pass --tokenizer=PATH")
+      path = tokenizer
+    loaded = tok.load(path)
+    meta = {**meta, "tokenizer": path}
+  return config, T.model_from_state(graphdef, state), loaded, meta, (graphdef, state, mesh, rules)
 
 
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
-             prompt: str, sample_tokens: int, seed: int, rules: str = "default") -> dict:
-  config, model, tokenizer, meta, (graphdef, state, mesh_obj, rules_t) = load_run(run_dir, mesh, rules)
+             prompt: str, sample_tokens: int, seed: int, rules: str = "default",
+             options: RunOptions = RunOptions(), sampling: Sampling = Sampling(0.8, 40, 0.95)) -> dict:
+  config, model, tokenizer, meta, (graphdef, state, mesh_obj, rules_t) = load_run(
+      run_dir, mesh, rules, options=options, tokenizer=data_spec.tokenizer)
   spec = dataclasses.replace(data_spec, tokenizer=meta["tokenizer"])
   data = prepare_data(spec)
   tc = T.TrainConfig(**meta["train_config"])
@@ -436,18 +407,18 @@ def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int,
   ev = evaluate(T.make_eval_step(graphdef, mesh_obj, rules_t), state["params"], batches, mesh_obj, rules_t)
   return {"step": meta["step"], **ev, "cache_elements_per_token": config.cache_elements_per_token(),
           "cache_bytes_per_token_all_layers_fp32": 4 * config.cache_elements_per_token() * config.num_layers,
-          "sample": sample(model, tokenizer, prompt, max_new_tokens=sample_tokens, seed=seed)}
+          "sample": sample(model, tokenizer, prompt, max_new_tokens=sample_tokens, seed=seed, sampling=sampling)}
 
 
 # ----------------------------------------------------------------------------- bench
 
 
 def bench_train(config: ModelConfig, tc: T.TrainConfig, *, mesh: str = "", warmup: int = 3,
-                steps: int = 10, rules: str = "default") -> dict:
+                steps: int = 10, rules: str = "default", options: RunOptions = RunOptions()) -> dict:
   """Median train-step time and tokens/s after warm-up, on fixed random tokens."""
   rules_t = sharding.rules_preset(rules)
   mesh_obj = sharding.make_mesh(mesh, config, rules=rules_t)
-  graphdef, state, shardings = T.create_state(config, tc, mesh_obj, rules_t)
+  graphdef, state, shardings = T.create_state(config, tc, mesh_obj, rules_t, options)
   step_fn = T.make_train_step(graphdef, tc, shardings, mesh_obj, rules_t)
   rng = np.random.default_rng(0)
   rows = pipeline.process_rows(tc.batch_size, jax.process_index(), jax.process_count())

@@ -24,9 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from mla_jax import compat, hlo, sharding
-from mla_jax.config import ModelConfig
-from mla_jax.model import count_params
+from mla_jax.attention.base import cache_axes, init_cache
+from mla_jax.config import ModelConfig, RunOptions
+from mla_jax.model import Block, count_params
+
+# The reports' defaults: a bf16 cache read by the XLA absorbed path.
+REPORT_OPTIONS = RunOptions(cache_dtype="bfloat16", decode_impl="absorbed")
 
 
 @dataclasses.dataclass
@@ -62,12 +68,13 @@ def head_unit(config: ModelConfig) -> int:
 
 
 def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8), batch: int = 1,
-         context: int = 2048, cache_dtype=jnp.bfloat16, devices=None, compiled: bool = False,
-         decode_impl: str = "absorbed") -> list[Row]:
+         context: int = 2048, options: RunOptions = REPORT_OPTIONS, devices=None,
+         compiled: bool = False) -> list[Row]:
   """One row per (variant, TP degree). Per-device figures come from one layer's
   cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices);
   with `compiled`, also from one block's compiled decode step at `batch` x `context`."""
   devices = list(jax.devices("cpu") if devices is None else devices)
+  cache_dtype = options.cache_jnp_dtype
   itemsize = jnp.dtype(cache_dtype).itemsize
   out = []
   for name, config in configs.items():
@@ -97,8 +104,7 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
       row.per_device_dh = elements / head_unit(config)
       row.per_device_bytes_total = elements * itemsize * config.num_layers * batch * context
       if compiled:
-        _add_compiled(row, config, mesh, batch=batch, context=context, cache_dtype=cache_dtype,
-                      decode_impl=decode_impl)
+        _add_compiled(row, config, mesh, batch=batch, context=context, options=options)
       out.append(row)
   return out
 
@@ -111,40 +117,37 @@ def _shard_bytes(abstract, shardings) -> int:
   return total
 
 
-def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int, cache_dtype,
-                         decode_impl: str = "absorbed"):
+def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int,
+                         options: RunOptions = REPORT_OPTIONS):
   """Lower and compile one Transformer block's decode step on `mesh` from
   abstract, sharded inputs (nothing is allocated: paper-size layers fit).
   Returns (compiled, abstract inputs)."""
-  from flax import nnx
-
-  from mla_jax.attention.base import cache_axes, init_cache
-  from mla_jax.model import Block
-  block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0)))
+  block = nnx.eval_shape(lambda: Block(config, options, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(block)
   state_sh = sharding.state_shardings(state, mesh)
   params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sh)
-  cache_shapes = jax.eval_shape(lambda: init_cache(config.attention, batch, context, cache_dtype))
+  cache_shapes = jax.eval_shape(lambda: init_cache(config.attention, batch, context, options.cache_jnp_dtype))
   axes = cache_axes(config.attention)
   cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named_sharding(
       mesh, axes[k], v.shape, what=f"cache/{k}")) for k, v in cache_shapes.items()}
-  x = jax.ShapeDtypeStruct((batch, 1, config.d_model), config.compute_dtype,
+  x = jax.ShapeDtypeStruct((batch, 1, config.d_model), options.compute_dtype,
                            sharding=sharding.named_sharding(mesh, ("batch", "length", "act_embed"),
                                                             (batch, 1, config.d_model), strict=False))
   lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.named_sharding(
       mesh, ("batch",), (batch,), strict=False))
 
   def step(state, x, cache, lengths):
-    return nnx.merge(graphdef, state).decode(x, cache, lengths, decode_impl)
+    return nnx.merge(graphdef, state).decode(x, cache, lengths)
 
   with sharding.use_mesh(mesh):
     compiled = jax.jit(step, donate_argnums=(2,)).lower(params, x, cache, lengths).compile()
   return compiled, (params, x, cache, lengths)
 
 
-def _add_compiled(row: Row, config: ModelConfig, mesh, *, batch, context, cache_dtype, decode_impl):
-  compiled, (params, x, cache, lengths) = compile_block_decode(
-      config, mesh, batch=batch, context=context, cache_dtype=cache_dtype, decode_impl=decode_impl)
+def _add_compiled(row: Row, config: ModelConfig, mesh, *, batch, context, options):
+  cache_dtype = options.cache_jnp_dtype
+  compiled, (params, x, cache, lengths) = compile_block_decode(config, mesh, batch=batch, context=context,
+                                                               options=options)
   in_sh = compiled.input_shardings[0]          # as compiled: (state, x, cache, lengths)
   unit = head_unit(config)
   local_batch = batch // sharding.axis_sizes(mesh)["data"] // sharding.axis_sizes(mesh)["fsdp"] or 1
@@ -254,12 +257,7 @@ def plot_traffic(report: Sequence[Row], path: str, *, title: str = "") -> None:
   ax0.set_title("cache each device reads (compiled decode step; x = no layout)")
   ax1.set_title("what the devices exchange (HLO collectives)")
   ax0.legend(ncols=len(tps), fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def write_traffic(report: Sequence[Row], output_dir: str, *, name: str, batch: int, context: int,
@@ -320,6 +318,11 @@ def plot(report: Sequence[Row], path: str, *, title: str = "") -> None:
   ax1.set_ylabel("per device, units of d_h per token per layer")
   ax1.set_title("per device (measured on placed arrays; x = no layout at that TP)")
   ax1.legend(ncols=len(tps), fontsize=8)
+  _save(fig, path, title)
+
+
+def _save(fig, path: str, title: str) -> None:
+  import matplotlib.pyplot as plt
   if title:
     fig.suptitle(title)
   fig.tight_layout()

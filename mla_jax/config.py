@@ -1,66 +1,58 @@
-"""Frozen, self-validating configs, saved as JSON with every checkpoint.
+"""Configs: frozen dataclasses that validate themselves, saved as JSON with every checkpoint.
 
-`ModelConfig` describes the Transformer; `AttentionConfig` subclasses (one per
-variant file in `mla_jax/attention/`) describe the attention. Each variant
-registers itself by name, so `attention_config("mlra4", ...)` and
-`ModelConfig.from_dict(...)` find it.
+* `ModelConfig`: the architecture, i.e. what a checkpoint holds (its attention is
+  an `AttentionConfig` subclass, one per variant file in `mla_jax/attention/`).
+* `RunOptions`: how a run executes (compute dtype, rematerialisation, attention
+  kernels, cache dtype); the same weights run under any of them.
+
+Every field carries its help text (`option(default, help)`): `experiments/options.py`
+turns the fields into the runner's flags, so a field added here is a flag with no
+second definition. Defaults describe the runner's small model. This module imports
+nothing of mla_jax: the variant registry (`mla_jax.registry`) sits above it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# variant name -> (config class, module class); filled by mla_jax/attention/*.py
-REGISTRY: dict[str, tuple[type, type]] = {}
+CONFIG_VERSION = 2   # of ModelConfig.to_dict(); mla_jax.registry.migrate reads older ones
 
 
-def register(*names: str):
-  """Class decorator for an Attention module; its `Config` attribute is the config class."""
-
-  def wrap(module_cls):
-    for name in names:
-      REGISTRY[name] = (module_cls.Config, module_cls)
-    return module_cls
-
-  return wrap
-
-
-def _registry() -> dict[str, tuple[type, type]]:
-  import mla_jax.attention  # noqa: F401  (importing registers every variant)
-  return REGISTRY
-
-
-def variants() -> list[str]:
-  return sorted(_registry())
-
-
-def _check(cond: bool, msg: str):
+def check(cond: bool, msg: str) -> None:
+  """Raise the one-line ValueError every bad config gets."""
   if not cond:
     raise ValueError(msg)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
+           legacy: str | None = None, choices: tuple | None = None) -> Any:
+  """A dataclass field with its help text and how the runner spells its flag:
+  `flag` (default: the field's name) when the name alone would be ambiguous
+  across variants, `legacy` an older flag whose value stands in when the new
+  one is not given, `choices` for an enumerated value."""
+  metadata = {"help": help, "flag": flag, "legacy": legacy, "choices": choices}
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
   """Fields every variant has. Subclasses add their own and extend `validate`."""
-  variant: str
-  num_heads: int
-  rope_theta: float = 10000.0
-
-  VARIANTS: ClassVar[tuple[str, ...]] = ()
+  variant: str = option(help="The registered variant name (mla_jax.registry).")
+  num_heads: int = option(4, "Query heads.")
+  rope_theta: float = option(10000.0, "RoPE base frequency.")
 
   def __post_init__(self):
     self.validate()
 
   def validate(self, d_model: int | None = None) -> None:
-    _check(self.variant in self.VARIANTS,
-           f"{type(self).__name__} serves variants {self.VARIANTS}, not {self.variant!r}")
-    _check(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+    check(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
 
   # ---- what every variant must say about its cache
   def cache_spec(self) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -87,12 +79,7 @@ class AttentionConfig:
     return dataclasses.asdict(self)
 
 
-def attention_config(variant: str, **kwargs) -> AttentionConfig:
-  reg = _registry()
-  if variant not in reg:
-    raise ValueError(f"unknown attention variant {variant!r}; choose one of {', '.join(sorted(reg))}")
-  cls = reg[variant][0]
-  return cls(variant=variant, **kwargs)
+# ----------------------------------------------------------------------------- model
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,59 +92,37 @@ class ModelConfig:
     absolute position embeddings, tied embeddings, no biases in linears; output
     projections start at N(0, 0.02 / sqrt(2 L)) as in nanoGPT (the small-model study).
   """
-  flavour: str = "llama"
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  mlp_dim: int
+  flavour: str = option("llama", "Transformer flavour.", choices=("llama", "gpt2"))
+  vocab_size: int = option(4096, "Embedding rows (and, unless --tokenizer_vocab_size says otherwise, "
+                                 "the size of the tokenizer trained for the run).")
+  d_model: int = option(128, "Model width.")
+  num_layers: int = option(2, "Layers.")
+  mlp_dim: int = option(344, "MLP width.")
   attention: AttentionConfig
-  max_seq_len: int = 2048
-  norm_eps: float | None = None  # default: 1e-6 (RMSNorm) / 1e-5 (LayerNorm)
-  init_std: float = 0.02
-  dtype: str = "float32"        # compute dtype
-  param_dtype: str = "float32"
-  scan_layers: bool = False      # stack the layers' weights and lax.scan over them (fast compiles)
-  remat: str = "none"            # recompute in the backward pass: none | full | dots | dots_no_batch
-  attention_impl: str = "einsum"  # training attention: einsum | dpa (jax.nn.dot_product_attention)
-  causal_chunks: int = 0         # einsum attention: query blocks, each scoring only the keys it can see;
-                                 # 0 = one per 64 queries, at most 4
+  max_seq_len: int = option(2048, "Longest sequence (the GPT-2 position table).")
+  norm_eps: float | None = option(None, "Norm epsilon (default 1e-6 for RMSNorm, 1e-5 for LayerNorm).")
+  init_std: float = option(0.02, "Standard deviation of the initial weights.")
+  param_dtype: str = option("float32", "Parameter storage dtype.", choices=tuple(DTYPES))
+  scan_layers: bool = option(False, "Stack the layers' weights and lax.scan over them (compile time "
+                                    "flat in depth); changes how a checkpoint stores the layers.")
 
   FLAVOURS: ClassVar[tuple[str, ...]] = ("llama", "gpt2")
-  REMAT: ClassVar[tuple[str, ...]] = ("none", "full", "dots", "dots_no_batch")
-  ATTENTION_IMPLS: ClassVar[tuple[str, ...]] = ("einsum", "dpa")
-  # How a run executes, not what the model is: may change when a run resumes.
-  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "remat", "attention_impl", "causal_chunks")
 
   def __post_init__(self):
-    _check(self.flavour in self.FLAVOURS,
-           f"unknown flavour {self.flavour!r}; choose one of {self.FLAVOURS}")
+    check(self.flavour in self.FLAVOURS, f"unknown flavour {self.flavour!r}; choose one of {self.FLAVOURS}")
     for name in ("vocab_size", "d_model", "num_layers", "mlp_dim", "max_seq_len"):
-      _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-    _check(self.dtype in DTYPES, f"dtype {self.dtype!r} unknown; choose one of {list(DTYPES)}")
-    _check(self.param_dtype in DTYPES,
-           f"param_dtype {self.param_dtype!r} unknown; choose one of {list(DTYPES)}")
-    _check(isinstance(self.attention, AttentionConfig),
-           f"attention must be an AttentionConfig, got {type(self.attention).__name__}")
-    _check(self.remat in self.REMAT, f"unknown remat policy {self.remat!r}; choose one of {self.REMAT}")
-    _check(self.attention_impl in self.ATTENTION_IMPLS,
-           f"unknown attention_impl {self.attention_impl!r}; choose one of {self.ATTENTION_IMPLS}")
-    _check(self.causal_chunks >= 0, f"causal_chunks must be >= 0 (0 = automatic, 1 = one block), "
-           f"got {self.causal_chunks}")
+      check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    check(self.param_dtype in DTYPES,
+          f"param_dtype {self.param_dtype!r} unknown; choose one of {list(DTYPES)}")
+    check(isinstance(self.attention, AttentionConfig),
+          f"attention must be an AttentionConfig, got {type(self.attention).__name__}")
     self.attention.validate(self.d_model)
-    if self.attention_impl == "dpa":
-      why = self.attention.dpa_unsupported()
-      _check(why is None, f"attention_impl='dpa' cannot run {self.attention.variant}: {why}; "
-             "use attention_impl='einsum'")
 
   @property
   def eps(self) -> float:
     if self.norm_eps is not None:
       return self.norm_eps
     return 1e-6 if self.flavour == "llama" else 1e-5
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
 
   @property
   def weight_dtype(self):
@@ -170,34 +135,56 @@ class ModelConfig:
     """Per token per layer."""
     return self.attention.cache_elements_per_token()
 
-  # ---- serialisation
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready; `mla_jax.registry.config_from_dict` reads it back (and older formats)."""
     d = dataclasses.asdict(self)
     d["attention"] = self.attention.to_dict()
-    return d
+    return {"config_version": CONFIG_VERSION, **d}
 
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    d = dict(d)
-    attn = dict(d.pop("attention"))
-    known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(d) - known)
-    if extra:
-      raise ValueError(f"unknown model config field {extra[0]!r}")
-    reg = _registry()
-    variant = attn.get("variant")
-    _check(variant in reg, f"unknown attention variant {variant!r}; choose one of "
-           f"{', '.join(sorted(reg))}")
-    acls = reg[variant][0]
-    aknown = {f.name for f in dataclasses.fields(acls)}
-    aextra = sorted(set(attn) - aknown)
-    if aextra:
-      raise ValueError(f"unknown field {aextra[0]!r} for attention variant {variant!r}")
-    return cls(attention=acls(**attn), **d)
+# ----------------------------------------------------------------------------- run options
 
-  @classmethod
-  def from_json(cls, text: str) -> "ModelConfig":
-    return cls.from_dict(json.loads(text))
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+  """How a model executes. Validated here, once; `mla_jax.attention.core` turns
+  the kernel choices into a backend, once per module."""
+  dtype: str = option("float32", "Compute dtype (parameters keep param_dtype).", choices=tuple(DTYPES))
+  remat: str = option("none", "Recompute activations in the backward pass (jax.checkpoint policy).",
+                      choices=("none", "full", "dots", "dots_no_batch"))
+  attention_impl: str = option("einsum", "Training attention: our einsums, or jax.nn.dot_product_attention "
+                               "(cuDNN on GPUs) where the variant's shapes allow.", choices=("einsum", "dpa"))
+  causal_chunks: int = option(0, "einsum attention in training: split the queries into this many blocks, "
+                              "each scored only against the keys it can see (0 = one per 64 queries, at "
+                              "most 4; 1 = one block).")
+  decode_impl: str = option("auto", "Decode path: naive (re-expand K/V), absorbed (XLA, latent-only), pallas "
+                            "(the GPU kernels; interpret mode elsewhere), auto (pallas on GPUs where shapes "
+                            "allow, absorbed elsewhere).", choices=("naive", "absorbed", "pallas", "auto"))
+  cache_dtype: str = option("float32", "KV-cache dtype.", choices=("float32", "bfloat16"))
+
+  def __post_init__(self):
+    for name in ("dtype", "remat", "attention_impl", "decode_impl", "cache_dtype"):
+      choices = choices_of(type(self), name)
+      check(getattr(self, name) in choices,
+            f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+    check(self.causal_chunks >= 0,
+          f"causal_chunks must be >= 0 (0 = automatic, 1 = one block), got {self.causal_chunks}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def cache_jnp_dtype(self):
+    return DTYPES[self.cache_dtype]
+
+  def replace(self, **changes) -> "RunOptions":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def choices_of(cls: type, name: str) -> tuple:
+  """The allowed values of an enumerated field."""
+  return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)

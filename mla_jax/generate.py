@@ -2,6 +2,8 @@
 
 Fixed shapes throughout (a cache of prompt_len + max_new_tokens slots, per-
 sequence lengths), so the whole loop compiles once; no Python loop per token.
+The decode path and the cache dtype are the model's run options
+(`mla_jax.with_options(model, decode_impl=...)` changes them).
 """
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import struct
 
-from mla_jax.attention.base import check_decode_impl
+from mla_jax.config import option
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
+  temperature: float = option(0.0, "Sampling temperature (0 = greedy).")
+  top_k: int = option(0, "Top-k filter (0 = off).")
+  top_p: float = option(1.0, "Top-p filter (1 = off).")
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -59,9 +62,23 @@ class Generated:
   lengths: np.ndarray   # [B] tokens generated, the stop token included
 
 
+@struct.dataclass
+class DecodeState:
+  """The generation loop's carry."""
+  step: jax.Array        # tokens generated so far (the next one goes to out[:, step])
+  token: jax.Array       # [B] the last token, to feed next
+  cache: object          # the model's KV cache
+  lengths: jax.Array     # [B] tokens cached = the position of `token`
+  done: jax.Array        # [B] sequences that emitted the stop token
+  out: jax.Array         # [B, max_new_tokens]
+  n_out: jax.Array       # [B] tokens generated, the stop token included
+  rng: jax.Array
+  params: object         # the weights (see the loop body)
+
+
 def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
              rng: jax.Array | int = 0, sampling: Sampling = Sampling(), stop_token: int | None = None,
-             pad_token: int = 0, decode_impl: str = "absorbed", cache_dtype=jnp.float32) -> Generated:
+             pad_token: int = 0) -> Generated:
   """Continue each prompt. prompts: [B, S] right-padded; prompt_lengths: [B] (1..S)."""
   prompts = np.asarray(prompts, np.int32)
   prompt_lengths = np.asarray(prompt_lengths, np.int32)
@@ -77,7 +94,6 @@ def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
     raise ValueError(f"prompt token ids must lie in [0, {vocab}), got {prompts.min()}..{prompts.max()}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  check_decode_impl(decode_impl)
   config = model.config
   if config.flavour == "gpt2" and prompts.shape[1] + max_new_tokens > config.max_seq_len:
     raise ValueError(f"prompt width {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
@@ -88,44 +104,38 @@ def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
   graphdef, state = nnx.split(model)
   tokens, lengths = _generate(graphdef, state, jnp.asarray(prompts), jnp.asarray(prompt_lengths),
                               rng, max_new_tokens=max_new_tokens, sampling=sampling,
-                              stop_token=stop_token, pad_token=pad_token,
-                              decode_impl=decode_impl, cache_dtype=jnp.dtype(cache_dtype))
+                              stop_token=stop_token, pad_token=pad_token)
   return Generated(np.asarray(tokens), np.asarray(lengths))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "sampling", "stop_token", "pad_token", "decode_impl", "cache_dtype"))
+    "max_new_tokens", "sampling", "stop_token", "pad_token"))
 def _generate(graphdef, state, prompts, prompt_lengths, rng, *, max_new_tokens, sampling,
-              stop_token, pad_token, decode_impl, cache_dtype):
+              stop_token, pad_token):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompts.shape
-  cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
+  cache = model.init_cache(batch, prompt_len + max_new_tokens)
   logits, cache = model.prefill(prompts, cache)
   rows = jnp.arange(batch)
   rng, sub = jax.random.split(rng)
   first = sample_logits(logits[rows, prompt_lengths - 1], sub, sampling)
   stop = -1 if stop_token is None else stop_token
   out = jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
-  done = first == stop
-  n_out = jnp.ones((batch,), jnp.int32)
 
-  def cond(carry):
-    step, _, _, _, done, _, _, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-  def body(carry):
-    step, token, cache, lengths, done, out, n_out, rng, params = carry
-    # `lengths` = tokens already cached = the position of `token`. The weights
-    # ride in the carry (loop-invariant, no copies) so the module is rebuilt from
-    # this trace level's values: NNX transforms (scanned layers) require it.
-    logits, cache = nnx.merge(graphdef, params).decode_step(token, cache, lengths, decode_impl)
-    rng, sub = jax.random.split(rng)
-    nxt = jnp.where(done, pad_token, sample_logits(logits, sub, sampling))
-    out = out.at[:, step].set(nxt)
-    n_out = n_out + (~done).astype(jnp.int32)
-    done = done | (nxt == stop)
-    return step + 1, nxt, cache, lengths + 1, done, out, n_out, rng, params
+  def body(s: DecodeState) -> DecodeState:
+    # The weights ride in the carry (loop-invariant, no copies) so the module is
+    # rebuilt from this trace level's values: NNX transforms (scanned layers) require it.
+    logits, cache = nnx.merge(graphdef, s.params).decode_step(s.token, s.cache, s.lengths)
+    rng, sub = jax.random.split(s.rng)
+    nxt = jnp.where(s.done, pad_token, sample_logits(logits, sub, sampling))
+    return DecodeState(step=s.step + 1, token=nxt, cache=cache, lengths=s.lengths + 1,
+                       done=s.done | (nxt == stop), out=s.out.at[:, s.step].set(nxt),
+                       n_out=s.n_out + (~s.done).astype(jnp.int32), rng=rng, params=s.params)
 
-  carry = (jnp.int32(1), first, cache, prompt_lengths, done, out, n_out, rng, state)
-  _, _, _, _, _, out, n_out, _, _ = jax.lax.while_loop(cond, body, carry)
-  return out, n_out
+  start = DecodeState(step=jnp.int32(1), token=first, cache=cache, lengths=prompt_lengths, done=first == stop,
+                      out=out, n_out=jnp.ones((batch,), jnp.int32), rng=rng, params=state)
+  end = jax.lax.while_loop(cond, body, start)
+  return end.out, end.n_out

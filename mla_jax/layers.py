@@ -1,5 +1,6 @@
-"""Pieces every variant shares: parameters with axis names, norms, RoPE, MLPs,
-and the masked softmax. The attention math itself lives in `mla_jax/attention/`.
+"""Pieces every layer shares: parameters with axis names, norms, RoPE, MLPs and
+projections. The attention math lives in `mla_jax/attention/` (its core in
+`mla_jax/attention/core.py`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat
-from mla_jax.sharding import constrain
+from mla_jax.rules import constrain
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
@@ -104,16 +105,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax over the last axis in fp32, with masked-out keys at probability 0.
-
-  The mask enters as an additive bias built on the (small, broadcast) mask
-  itself: its gradient is the identity, where a select on the scores would
-  cost one more pass over them in the backward."""
-  bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
-  return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
-
-
 def _einsum_spec(spec: str) -> tuple[str, str, str]:
   inputs, out = spec.replace(" ", "").split("->")
   lhs, rhs = inputs.split(",")
@@ -193,6 +184,3 @@ class GeluMLP(nnx.Module):
     h = constrain(h, ("batch", "length", "act_mlp"))
     return dense(h, self.w_proj[...], "bsf,fd->bsd", self.dtype)
 
-
-def softmax_scale(dim: int) -> float:
-  return 1.0 / math.sqrt(dim)

@@ -7,6 +7,8 @@
 Three entry points share the layers: `__call__` (training forward), `prefill`
 (forward over a prompt batch that fills a preallocated cache) and `decode_step`
 (one token per sequence, per-sequence lengths, fixed shapes: jit once, loop).
+The model holds its `RunOptions` (compute dtype, remat, kernels, cache dtype);
+`with_options` gives the same weights under other ones.
 
 With `scan_layers` the layers' weights are stacked on a leading `layers` axis
 and every entry point runs one `lax.scan` over them (the cache is stacked the
@@ -15,6 +17,7 @@ layer's activations in the backward pass under a `jax.checkpoint` policy.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator
 
@@ -22,11 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import compat
-from mla_jax.attention.base import cache_axes, check_decode_impl, init_cache
-from mla_jax.config import ModelConfig, _registry
+from mla_jax import compat, registry
+from mla_jax.attention.base import cache_axes, init_cache
+from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, param
-from mla_jax.sharding import constrain
+from mla_jax.rules import constrain
 
 ACT = ("batch", "length", "act_embed")
 
@@ -38,18 +41,16 @@ def _norm(config: ModelConfig):
 
 
 class Block(nnx.Module):
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    attn_cls = _registry()[config.attention.variant][1]
+  def __init__(self, config: ModelConfig, options: RunOptions, *, rngs: nnx.Rngs):
     # Llama (the MLRA code base) starts output projections at zero; nanoGPT scales them.
     out_std = 0.0 if config.flavour == "llama" else config.init_std / math.sqrt(2 * config.num_layers)
-    common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
-                  init_std=config.init_std, out_std=out_std)
+    common = dict(rngs=rngs, param_dtype=config.weight_dtype, init_std=config.init_std, out_std=out_std)
     self.attn_norm = _norm(config)
-    self.attn = attn_cls(config.attention, d_model=config.d_model, attention_impl=config.attention_impl,
-                         causal_chunks=config.causal_chunks, **common)
+    self.attn = registry.get(config.attention.variant).module(config.attention, d_model=config.d_model,
+                                                              options=options, **common)
     self.mlp_norm = _norm(config)
     mlp_cls = SwiGLU if config.flavour == "llama" else GeluMLP
-    self.mlp = mlp_cls(config.d_model, config.mlp_dim, **common)
+    self.mlp = mlp_cls(config.d_model, config.mlp_dim, dtype=options.compute_dtype, **common)
 
   def __call__(self, x, positions):
     x = x + self.attn(self.attn_norm(x), positions)
@@ -60,8 +61,8 @@ class Block(nnx.Module):
     x = x + y
     return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
 
-  def decode(self, x, cache, lengths, decode_impl):
-    y, cache = self.attn.decode(self.attn_norm(x), cache, lengths, decode_impl)
+  def decode(self, x, cache, lengths):
+    y, cache = self.attn.decode(self.attn_norm(x), cache, lengths)
     x = x + y
     return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
 
@@ -74,8 +75,9 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
     self.config = config
+    self.options = options
     wdt = config.weight_dtype
     self.embed = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
                        std=config.init_std, dtype=wdt)
@@ -86,23 +88,23 @@ class Transformer(nnx.Module):
       @nnx.split_rngs(splits=config.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def stacked(rngs):
-        return Block(config, rngs=rngs)
+        return Block(config, options, rngs=rngs)
       self.layers = stacked(rngs)
     else:
-      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+      self.layers = nnx.List([Block(config, options, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = _norm(config)
 
   def _layer_fn(self, positions):
     """One layer's training forward, rematerialised if the config asks."""
     def fn(block, x):
       return block(x, positions)
-    if self.config.remat != "none":
-      fn = nnx.remat(fn, policy=REMAT_POLICIES[self.config.remat], prevent_cse=not self.config.scan_layers)
+    if self.options.remat != "none":
+      fn = nnx.remat(fn, policy=REMAT_POLICIES[self.options.remat], prevent_cse=not self.config.scan_layers)
     return fn
 
   # ------------------------------------------------------------------ pieces
   def _embed(self, tokens, positions):
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.options.compute_dtype)
     if self.config.flavour == "gpt2":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     return constrain(x, ACT)
@@ -130,9 +132,11 @@ class Transformer(nnx.Module):
         x = fn(layer, x)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero caches of fixed shape [batch, max_len, ...]: one dict per layer, or
-    with scan_layers one dict of arrays stacked [layers, batch, max_len, ...]."""
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    """Zero caches of fixed shape [batch, max_len, ...] (dtype: the options'
+    cache_dtype): one dict per layer, or with scan_layers one dict of arrays
+    stacked [layers, batch, max_len, ...]."""
+    dtype = self.options.cache_jnp_dtype if dtype is None else dtype
     if self.config.flavour == "gpt2" and max_len > self.config.max_seq_len:
       raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len} "
                        "(the GPT-2 flavour's position table); generate fewer tokens or "
@@ -167,22 +171,35 @@ class Transformer(nnx.Module):
     x, cache = self._run_cached(x, cache, lambda block, x, c: block.prefill(x, positions, c))
     return self._logits(x), cache
 
-  def decode_step(self, tokens: jax.Array, cache, lengths: jax.Array,
-                  decode_impl: str = "absorbed") -> tuple[jax.Array, Any]:
-    """tokens [B] at positions `lengths` [B] -> logits [B, V] and the updated cache."""
-    check_decode_impl(decode_impl)
+  def decode_step(self, tokens: jax.Array, cache, lengths: jax.Array) -> tuple[jax.Array, Any]:
+    """tokens [B] at positions `lengths` [B] -> logits [B, V] and the updated cache
+    (through the decode path the options name)."""
     positions = lengths[:, None].astype(jnp.int32)
     x = self._embed(tokens[:, None], positions)
-    x, cache = self._run_cached(x, cache, lambda block, x, c: block.decode(x, c, lengths, decode_impl))
+    x, cache = self._run_cached(x, cache, lambda block, x, c: block.decode(x, c, lengths))
     return self._logits(x)[:, 0], cache
+
+
+def with_options(model: Transformer, **changes) -> Transformer:
+  """The same weights (shared, not copied) under other run options, e.g.
+  `with_options(model, decode_impl="naive")`."""
+  options = dataclasses.replace(model.options, **changes)
+  built = {}
+
+  def build():                      # traced abstractly: nothing is initialised or placed
+    built["graphdef"], state = nnx.split(Transformer(model.config, rngs=nnx.Rngs(0), options=options))
+    return state
+
+  jax.eval_shape(build)
+  return nnx.merge(built["graphdef"], nnx.state(model))
 
 
 # ---------------------------------------------------------------------- abstract views
 
 
-def abstract_model(config: ModelConfig) -> Transformer:
+def abstract_model(config: ModelConfig, options: RunOptions = RunOptions()) -> Transformer:
   """The model with ShapeDtypeStructs instead of arrays: no memory, no compute."""
-  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), options=options))
 
 
 def _variables(model) -> Iterator[tuple[str, nnx.Variable]]:

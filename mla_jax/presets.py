@@ -1,4 +1,5 @@
-"""Named model configs: the MLRA paper's models and the small-model study's.
+"""Named model configs: every registered variant at the runner's default size,
+the MLRA paper's models and the small-model study's.
 
     python -m mla_jax.presets            # parameter counts and cache sizes of every preset
 
@@ -18,7 +19,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mla_jax.config import ModelConfig, attention_config
+from mla_jax import registry
+from mla_jax.config import ModelConfig
+from mla_jax.model import count_params
+from mla_jax.registry import attention_config
+
+# ------------------------------------------------------------------ every variant, small
+
+
+def small(variant: str, **overrides) -> ModelConfig:
+  """`variant` with its config's defaults on the runner's default model
+  (Llama flavour, d 128, 2 layers): one preset per registered variant."""
+  return ModelConfig(attention=attention_config(variant), **overrides)
+
 
 # ------------------------------------------------------------------ MLRA paper
 
@@ -87,6 +100,8 @@ def small_study(variant: str, rank: str = "d/2", **overrides) -> ModelConfig:
 
 def presets() -> dict[str, Callable[[], ModelConfig]]:
   out: dict[str, Callable[[], ModelConfig]] = {}
+  for v in registry.variants():
+    out[f"small_{v}"] = lambda v=v: small(v)
   for v, (_, _, gated_mlp) in PAPER_VARIANTS.items():
     out[f"paper_{v}"] = lambda v=v: mlra_paper(v)
     if gated_mlp:
@@ -106,23 +121,32 @@ def get(name: str) -> ModelConfig:
   return table[name]()
 
 
-def main() -> None:
-  from mla_jax.model import count_params
+GROUPS = {"small_": "every registered variant at the runner's defaults (Llama, 2 layers, d 128)",
+          "paper_": "MLRA paper (24 layers, d 3072)", "study_": "small-model study (GPT-2, d 512)"}
+
+
+def listing(groups=tuple(GROUPS)) -> str:
+  """Parameters and cache per token of every preset in `groups` (name prefixes):
+  the `params` mode's table."""
   rows = []
   for name, make in presets().items():
+    if not name.startswith(tuple(groups)):
+      continue
     cfg = make()
     counts = count_params(cfg)
     rows.append((name, cfg.attention.variant, counts["total"], counts["non_embedding"],
                  cfg.cache_elements_per_token()))
-  groups = {"paper_": "MLRA paper (24 layers, d 3072)", "study_": "small-model study (GPT-2, d 512)"}
-  for prefix, title in groups.items():
+  lines = []
+  for prefix in groups:
+    title = GROUPS[prefix]
     sel = [r for r in rows if r[0].startswith(prefix)]
-    ref = next(r for r in sel if r[1] == "mha")[2]
-    print(f"\n{title}")
-    print(f"{'preset':<22} {'params':>15} {'non-embedding':>15} {'vs mha':>8} {'cache/token/layer':>18}")
+    ref = next((r for r in sel if r[1] == "mha"), sel[0])[2]
+    lines += ["", title,
+              f"{'preset':<22} {'params':>15} {'non-embedding':>15} {'vs mha':>8} {'cache/token/layer':>18}"]
     for name, _, total, non_emb, cache in sel:
-      print(f"{name:<22} {total:>15,} {non_emb:>15,} {100 * (total / ref - 1):>+7.2f}% {cache:>18,}")
+      lines.append(f"{name:<22} {total:>15,} {non_emb:>15,} {100 * (total / ref - 1):>+7.2f}% {cache:>18,}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  main()
+  print(listing())

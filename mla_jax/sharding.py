@@ -1,8 +1,5 @@
-"""Logical-axis sharding: one rules table, mesh construction and placement.
-
-Modules only *name* their axes (`embed`, `q_heads`, `kv_heads`,
-`latent_blocks`, ...). `RULES` maps those names to the mesh axes, and
-everything here turns names into `NamedSharding`s.
+"""Meshes, placement and layout checks, above the model. The rules table that
+maps logical axis names to mesh axes is `mla_jax.rules` (re-exported here).
 
 The mesh has four axes: `data`, `fsdp`, and the tensor-parallel degree T the
 user asks for, factored as `tensor` x `tensor_rep`:
@@ -21,61 +18,20 @@ user asks for, factored as `tensor` x `tensor_rep`:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax import compat
-
-MESH_AXES = ("data", "fsdp", "tensor", "tensor_rep")
-TP = ("tensor", "tensor_rep")  # all tensor-parallel devices
-
-# Logical axis name -> mesh axes. Names not listed are replicated.
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # activations and caches
-    ("batch", ("data", "fsdp")),
-    ("cache_batch", ("data", "fsdp")),
-    ("length", None),
-    ("cache_length", None),
-    ("act_embed", None),
-    ("act_heads", TP),
-    ("act_mlp", TP),
-    ("act_vocab", TP),
-    # parameters
-    ("embed", "fsdp"),
-    ("vocab", TP),
-    ("mlp", TP),
-    ("q_heads", TP),               # query heads, flat, grouped under their cache entry
-    # the cache-entry axes (and parameters that follow them)
-    ("kv_heads", "tensor"),
-    ("latent_heads", "tensor"),
-    ("latent_blocks", "tensor"),
-    # query heads that read one cache entry split over the replicas of that entry
-    ("q_per_entry", "tensor_rep"),
-)
-
-Rules = Sequence[tuple[str, Any]]
-
-# Named variations of the table (the runner's --rules flag).
-RULE_PRESETS: dict[str, Rules] = {
-    "default": RULES,
-    # Keep the vocabulary whole on every device: any vocabulary size works with
-    # any TP degree (GPT-2's 50257, say), at the cost of replicated embeddings.
-    "vocab_replicated": tuple((name, None if name in ("vocab", "act_vocab") else axes)
-                              for name, axes in RULES),
-}
-
-
-def rules_preset(name: str) -> Rules:
-  if name not in RULE_PRESETS:
-    raise ValueError(f"unknown rules preset {name!r}; choose one of {', '.join(RULE_PRESETS)}")
-  return RULE_PRESETS[name]
+from mla_jax.attention.base import cache_axes, init_cache
+from mla_jax.model import abstract_params
+from mla_jax.rules import (MESH_AXES, RULE_PRESETS, RULES, TP, Rules, activate, axis_sizes,  # noqa: F401
+                           constrain, logical_to_spec, named_sharding, rules_preset)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -170,81 +126,12 @@ def make_mesh(spec: "str | MeshSpec | Mapping[str, int] | None" = None, config=N
   return compat.make_mesh(shape, MESH_AXES, devices=all_devices[: spec.size])
 
 
-def axis_sizes(mesh: jax.sharding.Mesh) -> dict[str, int]:
-  return dict(zip(mesh.axis_names, mesh.devices.shape))
-
-
-# ----------------------------------------------------------------------------- specs
-
-
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, *,
-                    mesh_axis_sizes: Mapping[str, int] | None = None, rules: Rules = RULES,
-                    strict: bool = True, what: str = "array") -> PartitionSpec:
-  """PartitionSpec for logical `axes`. With `shape`, every sharded dimension must
-  divide evenly (strict) or falls back to replicated (strict=False)."""
-  table = dict(rules)
-  used: set[str] = set()
-  out = []
-  for i, name in enumerate(axes):
-    mesh_axes = table.get(name) if name is not None else None
-    if mesh_axes is None:
-      out.append(None)
-      continue
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    if mesh_axis_sizes is not None:
-      mesh_axes = tuple(a for a in mesh_axes if a in mesh_axis_sizes)
-    mesh_axes = tuple(a for a in mesh_axes if a not in used)  # a mesh axis shards one dim only
-    if mesh_axes and shape is not None and mesh_axis_sizes is not None:
-      ways = math.prod(mesh_axis_sizes[a] for a in mesh_axes)
-      if shape[i] % ways:
-        if strict:
-          raise ValueError(
-              f"{what}: dimension {i} ({name!r}, size {shape[i]}) does not split over the "
-              f"{ways} devices of mesh axes {'x'.join(mesh_axes)}")
-        mesh_axes = ()
-    used.update(mesh_axes)
-    out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-  return PartitionSpec(*out)
-
-
-def named_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str | None],
-                   shape: Sequence[int] | None = None, *, rules: Rules = RULES,
-                   strict: bool = True, what: str = "array") -> NamedSharding:
-  spec = logical_to_spec(axes, shape, mesh_axis_sizes=axis_sizes(mesh), rules=rules,
-                         strict=strict, what=what)
-  return NamedSharding(mesh, spec)
-
-
-# ----------------------------------------------------------------------------- activations
-
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mla_jax_mesh", default=None)
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = RULES):
-  """Trace under `mesh`: `constrain` then pins activations to the rules' layout."""
-  token = _ACTIVE.set((mesh, tuple(rules)))
-  try:
-    with compat.set_mesh(mesh):
-      yield mesh
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active_mesh() -> jax.sharding.Mesh | None:
-  active = _ACTIVE.get()
-  return None if active is None else active[0]
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names; a no-op outside `use_mesh`. Dimensions
-  that do not divide their mesh axes stay replicated (a hint, never an error)."""
-  active = _ACTIVE.get()
-  if active is None:
-    return x
-  mesh, rules = active
-  return jax.lax.with_sharding_constraint(
-      x, named_sharding(mesh, axes, x.shape, rules=rules, strict=False))
+  """Trace under `mesh`: `constrain` then pins activations to the rules' layout,
+  and the mesh is JAX's ambient one."""
+  with activate(mesh, rules), compat.set_mesh(mesh):
+    yield mesh
 
 
 # ----------------------------------------------------------------------------- placement
@@ -287,31 +174,11 @@ def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules = RUL
   return module
 
 
-def tree_shardings(tree, axes_tree, mesh: jax.sharding.Mesh, rules: Rules = RULES,
-                   what: str = "cache"):
-  """NamedShardings for a plain pytree of arrays (e.g. a KV cache) given a
-  matching pytree of logical axis tuples."""
-  return jax.tree.map(
-      lambda x, axes: named_sharding(mesh, axes, x.shape, rules=rules, what=what),
-      tree, axes_tree, is_leaf=lambda a: isinstance(a, tuple) and all(
-          isinstance(n, (str, type(None))) for n in a))
-
-
-def place_tree(tree, axes_tree, mesh: jax.sharding.Mesh, rules: Rules = RULES):
-  return jax.device_put(tree, _align(tree, tree_shardings(tree, axes_tree, mesh, rules)))
-
-
-def _align(tree, shardings):
-  return jax.tree.unflatten(jax.tree.structure(tree), jax.tree.leaves(
-      shardings, is_leaf=lambda s: isinstance(s, NamedSharding)))
-
-
 # ----------------------------------------------------------------------------- validation
 
 
 def _abstract_arrays(config):
   """(path, shape, axes) for every parameter and per-token cache array of `config`."""
-  from mla_jax.model import abstract_params  # late import: model imports this module
   out = list(abstract_params(config))
   for name, (shape, axes) in config.attention.cache_spec().items():
     # batch and length are laid out by their own axes; per-token dims carry the cache-entry axis
@@ -354,17 +221,9 @@ def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 
   return good
 
 
-def per_device_bytes(x: jax.Array) -> int:
-  """Bytes of the shard on the first addressable device (all shards are equal here)."""
-  shard = x.addressable_shards[0]
-  return int(np.prod(shard.data.shape)) * x.dtype.itemsize
-
-
 def place_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=None):
   """Allocate one layer's cache for `config` (a ModelConfig) directly on `mesh`,
   each array sharded by its logical axes (no weights needed)."""
-  import jax.numpy as jnp
-  from mla_jax.attention.base import cache_axes, init_cache
   attn = config.attention
   dtype = jnp.float32 if dtype is None else dtype
   abstract = jax.eval_shape(lambda: init_cache(attn, batch, max_len, dtype))
@@ -381,32 +240,3 @@ def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
     shard = x.addressable_shards[0].data
     out[name] = int(np.prod(shard.shape[2:]))
   return out
-
-
-def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
-  """Run `fn(*args)` once per device under the active mesh (shard_map), each
-  argument split by its logical axes (None: not an array, passed through);
-  without a mesh, just call it. For kernels that XLA cannot partition."""
-  active = _ACTIVE.get()
-  if active is None:
-    return fn(*args)
-  mesh, rules = active
-  sizes = axis_sizes(mesh)
-
-  def spec(x, axes):
-    return logical_to_spec(axes, x.shape, mesh_axis_sizes=sizes, rules=rules, strict=False)
-
-  present = [i for i, a in enumerate(args) if a is not None]
-  in_specs = tuple(spec(args[i], arg_axes[i]) for i in present)
-
-  def local(*xs):
-    full = list(args)
-    for i, x in zip(present, xs):
-      full[i] = x
-    return fn(*full)
-
-  out_shapes = jax.eval_shape(fn, *args)
-  out_specs = jax.tree.map(lambda s, axes: spec(s, axes), out_shapes, out_axes,
-                           is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
-  return compat.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
-      *[args[i] for i in present])

@@ -15,25 +15,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mla_jax import sharding
-from mla_jax.config import ModelConfig
+from mla_jax import registry, sharding
+from mla_jax.config import ModelConfig, RunOptions, option
 from mla_jax.model import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000
-  batch_size: int = 16             # global, in sequences
-  seq_len: int = 256
-  learning_rate: float = 3e-3
-  warmup_steps: int = 100
-  min_lr_ratio: float = 0.1        # cosine decays to this fraction of the peak
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  grad_clip: float = 1.0
-  grad_accum: int = 1              # micro-batches per step
-  seed: int = 0
+  steps: int = option(1000, "Training steps.")
+  batch_size: int = option(16, "Global batch size in sequences.")
+  seq_len: int = option(256, "Tokens per training sequence.")
+  learning_rate: float = option(3e-3, "Peak learning rate.")
+  warmup_steps: int = option(100, "Linear warm-up steps.")
+  min_lr_ratio: float = option(0.1, "Cosine decay floor, as a fraction of the peak.")
+  weight_decay: float = option(0.1, "AdamW weight decay (matrices only).")
+  b1: float = option(0.9, "AdamW beta1.", flag="beta1")
+  b2: float = option(0.95, "AdamW beta2.", flag="beta2")
+  grad_clip: float = option(1.0, "Global-norm gradient clipping (0 = off).")
+  grad_accum: int = option(1, "Micro-batches per step (gradient accumulation).")
+  seed: int = option(0, "Random seed (initialisation, data order, sampling).")
 
   def __post_init__(self):
     checks = [(self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
@@ -99,18 +99,18 @@ def state_shardings(state: dict, mesh, rules=sharding.RULES) -> dict:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
 
 
-def create_state(config: ModelConfig, tc: TrainConfig, mesh,
-                 rules=sharding.RULES) -> tuple[Any, dict, Any]:
+def create_state(config: ModelConfig, tc: TrainConfig, mesh, rules=sharding.RULES,
+                 options: RunOptions = RunOptions()) -> tuple[Any, dict, Any]:
   """(graphdef, train state placed on `mesh`, its shardings). Initialised inside
   jit with output shardings, so no device ever holds the whole model."""
   tx = make_optimizer(tc)
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(tc.seed)))
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(tc.seed), options=options))
   graphdef, abstract_params = split_model(abstract)
   abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
   shardings = state_shardings(abstract_state, mesh, rules)
 
   def init():
-    _, params = split_model(Transformer(config, rngs=nnx.Rngs(tc.seed)))
+    _, params = split_model(Transformer(config, rngs=nnx.Rngs(tc.seed), options=options))
     return init_state(params, tx)
 
   with sharding.use_mesh(mesh, rules):
@@ -187,12 +187,32 @@ def model_from_state(graphdef, state) -> Transformer:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+META_FORMAT = 2   # format 2: the model config versioned, run options saved apart from it
+
+
+def migrate_meta(meta: dict) -> dict:
+  """A checkpoint's meta of any format -> the current one (a new dict)."""
+  meta = dict(meta)
+  model_config, options = registry.migrate(meta["model_config"])
+  meta["model_config"] = {**model_config, "config_version": registry.CONFIG_VERSION}
+  meta.setdefault("run_options", options)
+  meta["format"] = META_FORMAT
+  return meta
+
+
+def run_meta(config: ModelConfig, options: RunOptions, tc: TrainConfig, **extra) -> dict:
+  """What every checkpoint records beside the arrays."""
+  return {"format": META_FORMAT, "model_config": config.to_dict(), "run_options": options.to_dict(),
+          "train_config": dataclasses.asdict(tc), **extra}
+
+
 class Checkpoints:
   """orbax CheckpointManager holding, per step: the train state (params,
   optimizer state, step), the data iterator's state, and the configs.
 
   Saves are asynchronous; a save interrupted by a crash leaves only a
   temporary folder, which orbax ignores, so the previous step stays restorable.
+  Meta written by earlier versions is migrated as it is read (`migrate_meta`).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -216,7 +236,7 @@ class Checkpoints:
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
-    return dict(restored["meta"])
+    return migrate_meta(restored["meta"])
 
   def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict, dict]:
     """Restore onto the shardings carried by `abstract_state` (any mesh shape)."""
@@ -224,7 +244,16 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(step, args=args.Composite(
         state=args.StandardRestore(abstract_state), data=args.JsonRestore(), meta=args.JsonRestore()))
-    return restored["state"], dict(restored["data"]), dict(restored["meta"])
+    return restored["state"], dict(restored["data"]), migrate_meta(restored["meta"])
+
+  def restore_params(self, abstract_params, abstract_step, step: int | None = None):
+    """Only the parameters (all an imported checkpoint holds), onto the
+    shardings the abstract arrays carry."""
+    args = self._ocp.args
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=args.Composite(
+        state=args.StandardRestore({"params": abstract_params, "step": abstract_step})))
+    return restored["state"]["params"]
 
   def restore_as_saved(self, step: int | None = None) -> dict:
     """The train state on this process's first device, whatever topology wrote

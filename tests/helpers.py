@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax import ModelConfig, Transformer, attention_config
+from mla_jax import ModelConfig, RunOptions, Transformer, attention_config
 
 # Small attention configs, one per variant, with every optional piece switched on
 # somewhere (low-rank query, decoupled RoPE, gates).
@@ -57,5 +57,6 @@ def randomize(model: nnx.Module, seed: int = 0, std: float = 0.2) -> nnx.Module:
   return model
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
-  return randomize(Transformer(config, rngs=nnx.Rngs(seed)), seed + 1)
+def random_model(config: ModelConfig, seed: int = 0, **options) -> Transformer:
+  """Every parameter random; `options` are RunOptions fields (decode_impl=...)."""
+  return randomize(Transformer(config, rngs=nnx.Rngs(seed), options=RunOptions(**options)), seed + 1)

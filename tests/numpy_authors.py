@@ -34,7 +34,7 @@ def sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
 
-def _attn(variant, W, x, c):
+def _attn(variant, W, x, c, scales=True):
   T, d, H = x.shape[0], c["n_embd"], c["n_head"]
   lin = lambda name, inp: inp @ W[name].T                               # noqa: E731
   if variant in ("mha", "mqa", "gqa", "gqa_gated"):
@@ -76,7 +76,9 @@ def _attn(variant, W, x, c):
   # the latent family
   dn, dr, dc, rq = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["kv_lora_rank"], c["q_lora_rank"]
   base = variant.replace("_gated", "")
-  cq = rms(lin("q_a_proj.weight", x), W["q_a_layernorm.weight"]) * np.sqrt(d / rq)
+  # their *_no_scale files (mla, gla_2, mlra_2) drop every scale: q, kv, and MLRA's 1/sqrt(branches)
+  scale = (lambda v: v) if scales else (lambda v: 1.0)                  # noqa: E731
+  cq = rms(lin("q_a_proj.weight", x), W["q_a_layernorm.weight"]) * scale(np.sqrt(d / rq))
   q = (cq @ W["q_b_proj.weight"].T).reshape(T, H, dn + dr)
   q = np.concatenate([q[..., :dn], rope(q[..., dn:])], -1)
   kv_a = lin("kv_a_proj_with_mqa.weight", x)
@@ -86,20 +88,20 @@ def _attn(variant, W, x, c):
     return np.concatenate([k_nope, np.broadcast_to(k_pe, k_nope.shape[:2] + (dr,))], -1)
 
   if base == "mla":
-    kv = (rms(ckv, W["kv_a_layernorm.weight"]) * np.sqrt(d / dc) @ W["kv_b_proj.weight"].T).reshape(T, H, 2 * dn)
+    kv = (rms(ckv, W["kv_a_layernorm.weight"]) * scale(np.sqrt(d / dc)) @ W["kv_b_proj.weight"].T).reshape(T, H, 2 * dn)
     y = attention(q, with_rope(kv[..., :dn]), kv[..., dn:])
   elif base == "gla2":
     half = dc // 2
     parts = []
     for i in (1, 2):
-      lat = rms(ckv[:, (i - 1) * half: i * half], W[f"kv_a_layernorm_{i}.weight"]) * np.sqrt(d / half)
+      lat = rms(ckv[:, (i - 1) * half: i * half], W[f"kv_a_layernorm_{i}.weight"]) * scale(np.sqrt(d / half))
       parts.append((lat @ W[f"kv_b_proj_{i}.weight"].T).reshape(T, H // 2, 2 * dn))
     kv = np.concatenate(parts, axis=1)
     y = attention(q, with_rope(kv[..., :dn]), kv[..., dn:])
   else:
     nb = 4
     width = dc // nb
-    lats = np.stack([rms(ckv[:, b * width:(b + 1) * width], W[f"kv_a_layernorms.{b}.weight"]) * np.sqrt(d / width)
+    lats = np.stack([rms(ckv[:, b * width:(b + 1) * width], W[f"kv_a_layernorms.{b}.weight"]) * scale(np.sqrt(d / width))
                      for b in range(nb)], 1)                              # [T, 4, width]
     kv = np.einsum("tld,ldo->tlo", lats, W["kv_b_proj"])
     if base == "gla4":
@@ -107,25 +109,26 @@ def _attn(variant, W, x, c):
       y = attention(q, with_rope(kv[..., :dn]), kv[..., dn:])
     elif base == "mlra4":
       kv = kv.reshape(T, nb, H, 2 * dn)
-      y = sum(attention(q, with_rope(kv[:, i, :, :dn]), kv[:, i, :, dn:]) for i in range(nb)) / np.sqrt(nb)
+      y = sum(attention(q, with_rope(kv[:, i, :, :dn]), kv[:, i, :, dn:]) for i in range(nb)) * scale(1 / np.sqrt(nb))
     else:                                                                 # mlra2: blocks 0,1 and 2,3
       kv = kv.reshape(T, nb, H // 2, 2 * dn)
       branches = [kv[:, :2].reshape(T, H, 2 * dn), kv[:, 2:].reshape(T, H, 2 * dn)]
-      y = sum(attention(q, with_rope(b[..., :dn]), b[..., dn:]) for b in branches) / np.sqrt(2)
+      y = sum(attention(q, with_rope(b[..., :dn]), b[..., dn:]) for b in branches) * scale(1 / np.sqrt(2))
   y = y.reshape(T, -1)
   if variant.endswith("_gated"):
     y = y * sigmoid(lin("gated_proj.weight", x))
   return lin("c_proj.weight", y)
 
 
-def forward(variant: str, tensors: dict, config: dict, tokens) -> np.ndarray:
-  """Logits [T, vocab] of the authors' model for one token sequence."""
+def forward(variant: str, tensors: dict, config: dict, tokens, scales: bool = True) -> np.ndarray:
+  """Logits [T, vocab] of the authors' model for one token sequence (scales=False:
+  their *_no_scale model of the variant)."""
   W = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
   x = W["transformer.wte.weight"][np.asarray(tokens)]
   for i in range(config["n_layer"]):
     p = f"transformer.h.{i}."
     attn = {k[len(p) + 5:]: v for k, v in W.items() if k.startswith(p + "attn.")}
-    x = x + _attn(variant, attn, rms(x, W[p + "input_layernorm.weight"]), config)
+    x = x + _attn(variant, attn, rms(x, W[p + "input_layernorm.weight"]), config, scales)
     h = rms(x, W[p + "post_attention_layernorm.weight"])
     g = h @ W[p + "mlp.c_fc1.weight"].T
     x = x + ((g * sigmoid(g)) * (h @ W[p + "mlp.c_fc2.weight"].T)) @ W[p + "mlp.c_proj.weight"].T

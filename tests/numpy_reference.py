@@ -128,6 +128,8 @@ def mlra(x, positions, W, *, h, branches, d_c, d_n, d_r, d_v, q_lora, n_blocks=4
   separate softmax; y_i = 1/sqrt(4) sum_b softmax(...) V_bi.
   MLRA-2 (branches 2): block 0 serves heads 0..h/2-1 and block 1 heads h/2..h-1
   (branch A); blocks 2 and 3 likewise (branch B); y = (y_A + y_B) / sqrt(2).
+  scales=False (the authors' *_no_scale models): no variance scales and no
+  1/sqrt(branches) on the sum.
   W: w_uk[b] [d_b, (heads of block b)*d_n], w_uv[b] likewise, kv_norm[b] [d_b].
   """
   d = x.shape[1]
@@ -147,7 +149,7 @@ def mlra(x, positions, W, *, h, branches, d_c, d_n, d_r, d_v, q_lora, n_blocks=4
       k_nope = c @ W["w_uk"][b][:, j * d_n:(j + 1) * d_n]
       v = c @ W["w_uv"][b][:, j * d_v:(j + 1) * d_v]
       p = softmax_causal((q_nope @ k_nope.T + q_pe @ k_pe.T) / np.sqrt(d_n + d_r))
-      y[:, i * d_v:(i + 1) * d_v] += (p @ v) / np.sqrt(branches)
+      y[:, i * d_v:(i + 1) * d_v] += (p @ v) / (np.sqrt(branches) if scales else 1.0)
   if gated:
     y = y * sigmoid(x @ W["wg"])
   return y @ W["wo"]

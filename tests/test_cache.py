@@ -29,7 +29,7 @@ def test_allocated_cache_holds_exactly_the_accounted_elements(variant):
   cache = model.init_cache(batch, max_len, jnp.bfloat16)
   total = sum(x.size for layer in cache for x in layer.values())
   per_token = expected_per_token(config.attention)
-  assert model.layers[0].attn.cache_elements_per_token() == per_token
+  assert config.cache_elements_per_token() == per_token
   assert total == per_token * config.num_layers * batch * max_len
   assert all(x.dtype == jnp.bfloat16 for layer in cache for x in layer.values())
 

@@ -56,7 +56,7 @@ def test_config_inferred_from_shapes_alone(variant):
 
 def test_gqa_family_without_config_needs_the_head_count():
   tensors = random_tensors("gqa")
-  with pytest.raises(ValueError, match="pass --num_heads"):
+  with pytest.raises(ValueError, match="pass --convert_num_heads"):
     convert.infer_config("gqa", tensors, None)
   assert convert.infer_config("gqa", tensors, None, num_heads=4).attention.num_kv_heads == 2
 
@@ -99,10 +99,24 @@ def test_safetensors_file_to_a_run_directory(tmp_path):
     convert.convert(str(tmp_path), "mlra4", str(tmp_path / "run"))
 
 
-torch = pytest.importorskip("torch")
+@pytest.mark.parametrize("variant", ["mla", "gla2", "mlra2"])
+def test_no_scale_checkpoints_match_the_authors_no_scale_models(variant):
+  """The authors' *_no_scale files (same tensors, no q / kv / branch scales) import
+  with scales=False, which nothing in the tensors can tell."""
+  tensors, config = random_tensors(variant), MANIFEST[variant]["config"]
+  model = convert.to_model(variant, tensors, config_json=config, scales=False)
+  assert model.config.attention.scales is False
+  tokens = np.random.default_rng(2).integers(0, config["vocab_size"], 20)
+  want = numpy_authors.forward(variant, tensors, config, tokens, scales=False)
+  np.testing.assert_allclose(_logits(model, tokens), want, rtol=1e-4, atol=1e-4)
+  scaled = numpy_authors.forward(variant, tensors, config, tokens)
+  assert np.abs(want - scaled).max() > 1e-2, "the scales must matter for the comparison to mean anything"
+  with pytest.raises(ValueError, match="gqa has no variance scales to switch off"):
+    convert.to_model("gqa", random_tensors("gqa"), config_json=MANIFEST["gqa"]["config"], scales=False)
 
 
 def test_torch_pickle_is_read_weights_only(tmp_path):
+  torch = pytest.importorskip("torch")
   tensors, config = random_tensors("gqa"), MANIFEST["gqa"]["config"]
   torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
   (tmp_path / "config.json").write_text(json.dumps(config))
@@ -111,12 +125,13 @@ def test_torch_pickle_is_read_weights_only(tmp_path):
   np.testing.assert_array_equal(read["transformer.h.1.attn.c_q.weight"], tensors["transformer.h.1.attn.c_q.weight"])
 
 
-class _Payload:
+class _Payload:                   # unpickling it would run a shell command
   def __reduce__(self):
     return (os.system, ("echo pwned > /tmp/mla_jax_pwned",))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
+  torch = pytest.importorskip("torch")
   if os.path.exists("/tmp/mla_jax_pwned"):
     os.remove("/tmp/mla_jax_pwned")
   torch.save({"transformer.wte.weight": torch.zeros(2, 2), "evil": _Payload()}, tmp_path / "model.pt")

@@ -28,14 +28,14 @@ def _prefill(model, tokens, max_len, dtype):
   return model.prefill(tokens, cache)
 
 
-@nnx.jit(static_argnames=("decode_impl",))
-def _decode(model, tokens, cache, lengths, decode_impl):
-  return model.decode_step(tokens, cache, lengths, decode_impl)
+@nnx.jit
+def _decode(model, tokens, cache, lengths):
+  return model.decode_step(tokens, cache, lengths)
 
 
 def check_decode_matches_forward(config, decode_impl, *, seed=0, cache_dtype=jnp.float32,
                                  rtol=2e-5, atol=2e-5):
-  model = random_model(config, seed)
+  model = random_model(config, seed, decode_impl=decode_impl)
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, config.vocab_size, (len(PROMPT_LENS), SEQ)).astype(np.int32)
   full = np.asarray(_forward(model, jnp.asarray(tokens)))
@@ -53,7 +53,7 @@ def check_decode_matches_forward(config, decode_impl, *, seed=0, cache_dtype=jnp
   rows = np.arange(len(lengths))
   for step in range(SEQ - PROMPT_LENS.max()):
     step_logits, cache = _decode(model, jnp.asarray(tokens[rows, lengths]), cache,
-                                 jnp.asarray(lengths, jnp.int32), decode_impl)
+                                 jnp.asarray(lengths, jnp.int32))
     np.testing.assert_allclose(np.asarray(step_logits), full[rows, lengths], rtol=rtol, atol=atol,
                                err_msg=f"decode step {step} ({decode_impl}), positions {lengths}")
     lengths = lengths + 1

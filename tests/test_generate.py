@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_model, small_config
+from mla_jax import with_options
 from mla_jax.generate import Sampling, _generate, generate, sample_logits
 
 
@@ -42,8 +43,8 @@ def test_greedy_generation_matches_naive_loop(variant, flavour):
 def test_decode_paths_generate_the_same_tokens():
   model = random_model(small_config("mlra4"), seed=4)
   prompts, lens = np.array([[5, 9, 2, 7]]), np.array([4])
-  a = generate(model, prompts, lens, max_new_tokens=10, decode_impl="naive")
-  b = generate(model, prompts, lens, max_new_tokens=10, decode_impl="absorbed")
+  a = generate(with_options(model, decode_impl="naive"), prompts, lens, max_new_tokens=10)
+  b = generate(with_options(model, decode_impl="absorbed"), prompts, lens, max_new_tokens=10)
   np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -107,7 +108,7 @@ def test_the_decode_loop_is_a_lax_loop():
   graphdef, state = nnx.split(model)
   jaxpr = jax.make_jaxpr(lambda s, p, l: _generate(
       graphdef, s, p, l, jax.random.key(0), max_new_tokens=50, sampling=Sampling(), stop_token=None,
-      pad_token=0, decode_impl="absorbed", cache_dtype=jnp.dtype(jnp.float32)))(
+      pad_token=0))(
           state, jnp.zeros((2, 4), jnp.int32), jnp.array([4, 2]))
   text = str(jaxpr)
   assert "while" in text
@@ -122,13 +123,17 @@ def test_the_decode_loop_is_a_lax_loop():
     (dict(prompts=[[1, 99]], prompt_lengths=[2]), r"prompt token ids must lie in \[0, 61\)"),
     (dict(prompts=[1, 2], prompt_lengths=[2]), "prompts must be \\[batch, length\\]"),
     (dict(prompts=[[1, 2]], prompt_lengths=[2], max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(prompts=[[1, 2]], prompt_lengths=[2], decode_impl="fast"), "unknown decode_impl 'fast'"),
 ])
 def test_bad_generation_input(kwargs, msg):
   model = random_model(small_config("mha"))
   kwargs.setdefault("max_new_tokens", 2)
   with pytest.raises(ValueError, match=msg):
     generate(model, **kwargs)
+
+
+def test_bad_decode_impl():
+  with pytest.raises(ValueError, match="unknown decode_impl 'fast'; choose one of naive, absorbed, pallas, auto"):
+    with_options(random_model(small_config("mha")), decode_impl="fast")
 
 
 @pytest.mark.parametrize("kwargs,msg", [(dict(temperature=-1), "temperature must be >= 0"),

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_model, small_config
-from mla_jax import sharding
+from mla_jax import sharding, with_options
 from mla_jax.generate import generate
 from mla_jax.kernels import jax_decode
 from mla_jax.kernels import latent_decode as K
@@ -130,8 +130,8 @@ def test_pallas_decode_generates_like_xla(variant):
   prompts = rng.integers(0, model.config.vocab_size, (3, 8)).astype(np.int32)
   lens = np.array([8, 1, 5])
   # cache of 8 + 24 = 32 slots: JAX's GQA/MQA ops need multiples of 16
-  a = generate(model, prompts, lens, max_new_tokens=24, decode_impl="absorbed")
-  b = generate(model, prompts, lens, max_new_tokens=24, decode_impl="pallas")
+  a = generate(with_options(model, decode_impl="absorbed"), prompts, lens, max_new_tokens=24)
+  b = generate(with_options(model, decode_impl="pallas"), prompts, lens, max_new_tokens=24)
   np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -156,22 +156,25 @@ def test_pallas_decode_runs_per_device_under_a_mesh(variant, mesh_spec):
   model = random_model(config, seed=3)
   rng = np.random.default_rng(1)
   prompts, lens = rng.integers(0, 64, (8, 8)).astype(np.int32), rng.integers(1, 9, 8)
-  want = generate(model, prompts, lens, max_new_tokens=8, decode_impl="absorbed")
+  want = generate(with_options(model, decode_impl="absorbed"), prompts, lens, max_new_tokens=8)
   mesh = sharding.make_mesh(mesh_spec, config)
   sharded = sharding.shard_module(random_model(config, seed=3), mesh)
   with sharding.use_mesh(mesh):
-    got = generate(sharded, prompts, lens, max_new_tokens=8, decode_impl="pallas")
+    got = generate(with_options(sharded, decode_impl="pallas"), prompts, lens, max_new_tokens=8)
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 def test_auto_and_unsupported():
   gta = random_model(small_config("gta"))
-  with pytest.raises(ValueError, match="decode_impl='pallas' cannot run here: no Pallas decode kernel for gta"):
-    generate(gta, [[1, 2, 3]], [3], max_new_tokens=2, decode_impl="pallas")
+  with pytest.raises(ValueError, match="decode_impl='pallas' cannot run here: .*no Pallas decode kernel for it"):
+    generate(with_options(gta, decode_impl="pallas"), [[1, 2, 3]], [3], max_new_tokens=2)
+  tpa = random_model(small_config("tpa"))
+  with pytest.raises(ValueError, match="decode_impl='pallas' cannot run here: tpa decodes from its cached factors"):
+    generate(with_options(tpa, decode_impl="pallas"), [[1, 2, 3]], [3], max_new_tokens=2)
   # 'auto' on a CPU is the XLA absorbed path
   model = random_model(small_config("mla"))
-  a = generate(model, [[1, 2, 3]], [3], max_new_tokens=5, decode_impl="auto")
-  b = generate(model, [[1, 2, 3]], [3], max_new_tokens=5, decode_impl="absorbed")
+  a = generate(with_options(model, decode_impl="auto"), [[1, 2, 3]], [3], max_new_tokens=5)
+  b = generate(with_options(model, decode_impl="absorbed"), [[1, 2, 3]], [3], max_new_tokens=5)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert jax_decode.plan(100, 64)[1] == "a cache of 100 slots does not split into 16-token tiles (use a multiple of 16)"
   assert jax_decode.plan(128, 64)[0] == (8, 16)

@@ -6,8 +6,7 @@ from flax import nnx
 
 import numpy_reference as ref
 from helpers import GATED, SMALL_ATTENTION, randomize
-from mla_jax import attention_config
-from mla_jax.config import _registry
+from mla_jax import RunOptions, registry
 
 D = 32
 
@@ -74,13 +73,14 @@ def reference(x, positions, attn):
   if cfg.variant == "mla":
     return ref.mla(x, positions, W, **kw)
   if cfg.variant in ("gla2", "gla4"):
-    return ref.gla(x, positions, W, n_latent=int(cfg.variant[-1]), **kw)
-  return ref.mlra(x, positions, W, branches=int(cfg.variant[-1]), n_blocks=cfg.latent_blocks, **kw)
+    return ref.gla(x, positions, W, n_latent=cfg.groups, **kw)
+  return ref.mlra(x, positions, W, branches=cfg.branches, n_blocks=cfg.num_blocks, **kw)
 
 
 CASES = ([(v, {}) for v in SMALL_ATTENTION] + [(v, {"gated": True}) for v in GATED] +
          [("mla", {"qk_rope_head_dim": 0, "scales": False}), ("mlra2", {"q_lora_rank": 0}),
           ("gla2", {"v_head_dim": 12}), ("gqa", {"rope": False}), ("mlra4", {"scales": False}),
+          ("mlra2", {"scales": False}),
           ("gta", {"rope_head_dim": 2}),
           # blocks of 4 < (d_n + d_r + d_v) / 2: trains through the absorbed form
           ("mlra4", {"kv_lora_rank": 16}), ("mlra2", {"kv_lora_rank": 16})])
@@ -91,11 +91,11 @@ CASES = ([(v, {}) for v in SMALL_ATTENTION] + [(v, {"gated": True}) for v in GAT
 @pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("variant,overrides", CASES)
 def test_module_matches_numpy_reference(variant, overrides, chunks):
-  cfg = attention_config(variant, **dict(SMALL_ATTENTION[variant], **overrides))
-  attn = _registry()[variant][1](cfg, d_model=D, rngs=nnx.Rngs(0), causal_chunks=chunks)
+  cfg = registry.attention_config(variant, **dict(SMALL_ATTENTION[variant], **overrides))
+  attn = registry.get(variant).module(cfg, d_model=D, rngs=nnx.Rngs(0), options=RunOptions(causal_chunks=chunks))
   randomize(attn, seed=11)
   if overrides.get("kv_lora_rank") == 16:
-    assert attn.training_impl() == "absorbed"
+    assert cfg.training_form() == "absorbed"
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 9, D))
   positions = np.stack([np.arange(9), np.arange(9) + 17])   # RoPE away from zero too

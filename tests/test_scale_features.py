@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_model, small_config
-from mla_jax import ModelConfig, Transformer, attention_config, sharding
+from mla_jax import ModelConfig, RunOptions, Transformer, attention_config, sharding
 from mla_jax.generate import generate
 
 VARIANTS = ["mha", "gqa", "mla", "gla2", "mlra2", "mlra4", "gta", "tpa", "mfa"]
@@ -76,7 +76,7 @@ def test_remat_changes_nothing_but_memory(policy, scan):
   base = random_model(small_config("mlra2", layers=2))
   if scan:
     base = scanned_copy(base)
-  remat = Transformer(base.config.replace(remat=policy), rngs=nnx.Rngs(0))
+  remat = Transformer(base.config, rngs=nnx.Rngs(0), options=RunOptions(remat=policy))
   nnx.update(remat, nnx.state(base))
   tokens = _tokens(base.config)
   (l1, g1), (l2, g2) = _loss_and_grads(base, tokens), _loss_and_grads(remat, tokens)
@@ -96,7 +96,7 @@ def _dpa_config(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dot_product_attention_matches_einsum(variant):
   einsum = random_model(_dpa_config(variant))
-  dpa = Transformer(einsum.config.replace(attention_impl="dpa"), rngs=nnx.Rngs(0))
+  dpa = Transformer(einsum.config, rngs=nnx.Rngs(0), options=RunOptions(attention_impl="dpa"))
   nnx.update(dpa, nnx.state(einsum))
   tokens = _tokens(einsum.config)
   (l1, g1), (l2, g2) = _loss_and_grads(einsum, tokens), _loss_and_grads(dpa, tokens)
@@ -112,11 +112,12 @@ def test_dot_product_attention_matches_einsum(variant):
 
 def test_dot_product_attention_refuses_mismatched_widths():
   attn = attention_config("mla", num_heads=4, kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=4)
+  config = ModelConfig(vocab_size=10, d_model=32, num_layers=1, mlp_dim=64, attention=attn)
   with pytest.raises(ValueError, match="attention_impl='dpa' cannot run mla: its query/key heads are "
                                        "12 wide and its value heads 8"):
-    ModelConfig(vocab_size=10, d_model=32, num_layers=1, mlp_dim=64, attention=attn, attention_impl="dpa")
-  with pytest.raises(ValueError, match="unknown remat policy 'some'"):
-    ModelConfig(vocab_size=10, d_model=32, num_layers=1, mlp_dim=64, attention=attn, remat="some")
+    Transformer(config, rngs=nnx.Rngs(0), options=RunOptions(attention_impl="dpa"))
+  with pytest.raises(ValueError, match="unknown remat 'some'; choose one of none, full, dots, dots_no_batch"):
+    RunOptions(remat="some")
 
 
 def test_scanned_model_shards_like_the_loop():

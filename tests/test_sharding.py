@@ -38,8 +38,17 @@ def _slice():
   return cases
 
 
-CI_CASES = _slice()
+LATENT = ["mla", "gla2", "gla4", "mlra2", "mlra4"]
+# MLRA-4's absorbed decode at TP 4, where each device holds exactly one latent block
+CI_CASES = _slice() + [("mlra4", "tensor:4", "absorbed")]
 FULL_CASES = [c for c in itertools.product(VARIANTS, MESHES, DECODE) if c not in CI_CASES]
+
+
+def test_the_ci_slice_covers_every_variant_path_and_mesh():
+  assert {v for v, _, _ in CI_CASES} == set(VARIANTS) and {m for _, m, _ in CI_CASES} == set(MESHES)
+  assert {(v, d) for v, _, d in CI_CASES} == set(itertools.product(VARIANTS, DECODE))
+  for variant in LATENT:           # an absorbed decode under tensor parallelism, for each latent variant
+    assert any(v == variant and d == "absorbed" and "tensor" in m for v, m, d in CI_CASES), variant
 
 
 def _loss(model, tokens):
@@ -57,20 +66,19 @@ def _prefill(model, tokens, max_len):
   return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len))
 
 
-@nnx.jit(static_argnames=("decode_impl",))
-def _decode(model, tokens, cache, lengths, decode_impl):
-  return model.decode_step(tokens, cache, lengths, decode_impl)
+@nnx.jit
+def _decode(model, tokens, cache, lengths):
+  return model.decode_step(tokens, cache, lengths)
 
 
-def _run(model, tokens, prompt_lens, decode_impl):
+def _run(model, tokens, prompt_lens):
   loss, grads = _loss_and_grads(model, tokens)
   width = int(prompt_lens.max())
   logits, cache = _prefill(model, tokens[:, :width], tokens.shape[1])
   lengths = jnp.asarray(prompt_lens, jnp.int32)
   steps = []
   for _ in range(3):
-    step_logits, cache = _decode(model, tokens[jnp.arange(tokens.shape[0]), lengths], cache,
-                                 lengths, decode_impl)
+    step_logits, cache = _decode(model, tokens[jnp.arange(tokens.shape[0]), lengths], cache, lengths)
     steps.append(step_logits)
     lengths = lengths + 1
   return loss, grads, logits, steps, cache
@@ -82,13 +90,13 @@ def check_sharded_matches_unsharded(variant, mesh_spec, decode_impl):
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, (8, 10)), jnp.int32)
   prompt_lens = rng.integers(2, 6, 8)
 
-  ref = _run(random_model(config), tokens, prompt_lens, decode_impl)
+  ref = _run(random_model(config, decode_impl=decode_impl), tokens, prompt_lens)
 
   mesh = sharding.make_mesh(mesh_spec, config)
-  model = sharding.shard_module(random_model(config), mesh)
+  model = sharding.shard_module(random_model(config, decode_impl=decode_impl), mesh)
   with sharding.use_mesh(mesh):
     batch = sharding.named_sharding(mesh, ("batch", "length"), tokens.shape)
-    got = _run(model, jax.device_put(tokens, batch), prompt_lens, decode_impl)
+    got = _run(model, jax.device_put(tokens, batch), prompt_lens)
 
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg="loss")
   for (path, g), (_, r) in zip(nnx.to_flat_state(got[1]), nnx.to_flat_state(ref[1])):
@@ -211,7 +219,7 @@ def test_sharded_decode_never_gathers_the_cache(variant, mesh_spec):
     graphdef, state = nnx.split(model)
 
     def step(state, tokens, cache, lengths):
-      return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths, "absorbed")
+      return nnx.merge(graphdef, state).decode_step(tokens, cache, lengths)
 
     compiled = jax.jit(step).lower(state, jnp.zeros((batch,), jnp.int32), cache,
                                    jnp.full((batch,), 7, jnp.int32)).compile()

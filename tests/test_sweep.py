@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from experiments import sweep as S
+from experiments.post_run import sample_metrics
 from tests.runner_helpers import run_cmd, story_file  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def test_steps_wanted_lets_the_run_flags_override_the_flagfile(tmp_path):
 
 def test_sample_metrics_by_hand():
   texts = ["a b a b a b", "c d e"]
-  m = S.sample_metrics(texts)
+  m = sample_metrics(texts)
   # unigrams: a b a b a b c d e -> 5 distinct of 9; bigrams: ab ba ab ba ab, cd de -> 4 of 7
   assert m["distinct_1"] == pytest.approx(5 / 9)
   assert m["distinct_2"] == pytest.approx(4 / 7)
@@ -130,7 +131,7 @@ def test_tiny_sweep_end_to_end(tmp_path, story_file):  # noqa: F811
   (held / ".sweep.lock").write_text(dead.stdout.strip())
   out = run_cmd(args, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.count("finished, skipped") == 2 and "mlra4 seed 0: experiments.run" in out.stdout
+  assert out.stdout.count("finished, skipped") == 2 and "mlra4 seed 0: training" in out.stdout
   assert not (held / ".sweep.lock").exists()
 
   # the page's numbers are the logs' numbers

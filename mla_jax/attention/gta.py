@@ -14,22 +14,22 @@ Under TP the tied states split with their KV heads; the rope key is replicated.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import jax.numpy as jnp
-
-from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
-from mla_jax.config import AttentionConfig, _check, register
-from mla_jax.layers import dense, masked_softmax, param, rope
-from mla_jax.sharding import constrain
+from mla_jax.attention import core
+from mla_jax.attention.base import Attention
+from mla_jax.authors_layout import Layout, linear
+from mla_jax.config import AttentionConfig, check, option
+from mla_jax.layers import dense, param, rope
+from mla_jax.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GTAConfig(AttentionConfig):
-  num_kv_heads: int
-  head_dim: int
-  rope_head_dim: int | None = None   # d_r; defaults to head_dim / 2
-
-  VARIANTS = ("gta",)
+  num_kv_heads: int = option(2, "KV heads (one tied key/value state each).")
+  head_dim: int = option(32, "Head width.")
+  rope_head_dim: int | None = option(None, "Width d_r of the shared rope key (default head_dim / 2).",
+                                     flag="gta_rope_head_dim")
 
   @property
   def rope_dim(self) -> int:
@@ -38,10 +38,10 @@ class GTAConfig(AttentionConfig):
   def validate(self, d_model=None):
     super().validate(d_model)
     h, kv = self.num_heads, self.num_kv_heads
-    _check(kv >= 1 and h % kv == 0, f"num_heads={h} is not divisible by num_kv_heads={kv}: "
-           f"pick num_kv_heads from {[d for d in range(1, h + 1) if h % d == 0]}")
-    _check(0 < self.rope_dim < self.head_dim and self.rope_dim % 2 == 0,
-           f"gta: rope_head_dim must be even and in (0, head_dim={self.head_dim}), got {self.rope_dim}")
+    check(kv >= 1 and h % kv == 0, f"num_heads={h} is not divisible by num_kv_heads={kv}: "
+          f"pick num_kv_heads from {[d for d in range(1, h + 1) if h % d == 0]}")
+    check(0 < self.rope_dim < self.head_dim and self.rope_dim % 2 == 0,
+          f"gta: rope_head_dim must be even and in (0, head_dim={self.head_dim}), got {self.rope_dim}")
 
   def cache_spec(self):
     return {"kv_state": ((self.num_kv_heads, self.head_dim), ("kv_heads", "head_dim")),
@@ -54,7 +54,6 @@ class GTAConfig(AttentionConfig):
     return "KV heads"
 
 
-@register("gta")
 class GTA(Attention):
   Config = GTAConfig
 
@@ -74,33 +73,33 @@ class GTA(Attention):
     return {"kv_state": constrain(state, ("batch", "length", "kv_heads", "head_dim")),
             "rope_key": rope_key}
 
-  def attend(self, x, positions, kv, mask, impl="naive"):
-    if impl in ("pallas", "auto"):
-      impl = resolve_impl(impl, f"no Pallas decode kernel for {self.config.variant} yet")
-    # The cache already is the tied state: 'naive' and 'absorbed' coincide.
+  def attend(self, x, positions, kv, kv_len):
     cfg = self.config
     n = cfg.head_dim - cfg.rope_dim
     q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
     q = q.reshape(q.shape[:2] + (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim))
     q = constrain(q, ("batch", "length", "kv_heads", "q_per_entry", "head_dim"))
-    q_nope, q_pe = q[..., :n], rope(q[..., n:], positions, cfg.rope_theta)
-    state = kv["kv_state"].astype(self.dtype)
-    # K_j = [s_j[:n] | k_R]: score = q_nope . s_j[:n] + q_pe . k_R, never concatenated
-    scores = (jnp.einsum("bskgn,btkn->bkgst", q_nope, state[..., :n], preferred_element_type=jnp.float32)
-              + jnp.einsum("bskgr,btr->bkgst", q_pe, kv["rope_key"].astype(self.dtype),
-                           preferred_element_type=jnp.float32)) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask[:, None, None]).astype(state.dtype)
-    y = jnp.einsum("bkgst,btkd->bskgd", probs, state)                 # V_j = s_j
-    y = y.reshape(y.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    q_nope, q_pe = core.heads_major(q[..., :n]), core.heads_major(rope(q[..., n:], positions, cfg.rope_theta))
+    state = core.heads_major(kv["kv_state"])                            # [B, h_kv, T, d_h]
+    # K_j = [s_j[:n] | k_R] (its rope part scored separately, never concatenated), V_j = s_j
+    y, _ = core.expanded(q_nope, state[..., :n], state, scale=1.0 / math.sqrt(cfg.head_dim), kv_len=kv_len,
+                         q_rope=q_pe, rope_key=kv["rope_key"], backend=self.backend)
+    y = core.token_major(y).reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
     return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)
 
-  def attend_dpa(self, x, positions, kv):
-    cfg = self.config
-    n = cfg.head_dim - cfg.rope_dim
-    q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
-    q = jnp.concatenate([q[..., :n], rope(q[..., n:], positions, cfg.rope_theta)], -1)
-    state = kv["kv_state"].astype(self.dtype)
-    rope_key = jnp.broadcast_to(kv["rope_key"].astype(self.dtype)[:, :, None], state.shape[:3] + (cfg.rope_dim,))
-    k = jnp.concatenate([state[..., :n], rope_key], -1)               # K_j = [s_j[:n] | k_R]
-    y = causal_dpa(q, k, state)                                        # V_j = s_j
-    return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)
+  # ---- the MLRA authors' checkpoints (their model/gta.py)
+  @staticmethod
+  def authors_config(shape, config_json, num_heads):
+    rope_dim = shape("W_rope_k.weight")[0]
+    head_dim = config_json.get("head_dim", 2 * rope_dim)          # their rope width is head_dim / 2
+    return dict(num_heads=config_json.get("n_head", num_heads) or shape("c_q.weight")[0] // head_dim,
+                head_dim=head_dim, num_kv_heads=shape("kv_proj.weight")[0] // head_dim, rope_head_dim=rope_dim)
+
+  @staticmethod
+  def authors_layout(cfg: GTAConfig, d: int) -> Layout:
+    h, kv, dh, dr = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim
+    tensors = {"c_q.weight": (h * dh, d), "kv_proj.weight": (kv * dh, d), "W_rope_k.weight": (dr, d),
+               "c_proj.weight": (d, h * dh)}
+    params = (linear("wq", "c_q.weight", d, h, dh), linear("w_kv", "kv_proj.weight", d, kv, dh),
+              linear("w_kr", "W_rope_k.weight", d, dr), linear("wo", "c_proj.weight", h, dh, d))
+    return Layout(tensors, params)

@@ -8,7 +8,7 @@ Query (all variants, DeepSeek-V2 style):
     [q_nope | q_pe] = c_q W_UQ   per head; q_pe rotated (half-split RoPE)
 
 Keys and values: the latent is cut into B = R * G *blocks* of width d_b = d_c / B
-(R branches of G blocks each); each block has its own RMSNorm:
+(R `branches` of G `groups` each, config fields); each block has its own RMSNorm:
     [c_1 .. c_B | k_pe] = x W_DKV
     c_b  = RMSNorm_b(c_b) * sqrt(d / d_b)             (cached)
     k_pe = RoPE(k_pe), ONE rope key shared by all heads (cached)
@@ -16,21 +16,25 @@ Block b = (branch r, group g) serves the H_g = h / G query heads of group g:
     k_nope_bi = c_b W_UK,b,i     v_bi = c_b W_UV,b,i  (head i of group g)
     y_i = R^-1/2 sum_r softmax_t((q_nope_i . k_nope_(r,g),i + q_pe_i . k_pe) / sqrt(d_n + d_r)) V_(r,g),i
 
-which gives the variants:
+which gives the variants (the registry pins R and G per name):
     MLA    R = 1, G = 1  one latent, one softmax per head
     GLA-G  R = 1, G = 2|4 latent heads, each serving a contiguous group of heads
     MLRA-4 R = 4, G = 1  every head attends to every block with a separate softmax
     MLRA-2 R = 2, G = 2  two GLA-2 branches, summed
 MLA puts the block sum inside one softmax; MLRA moves it outside. Cache per
 token: d_c + d_r for all of them (576 at the MLRA paper's config).
+`scales=False` is the authors' *_no_scale ablation: no sqrt(d / .) variance
+scales and no R^-1/2 on the branch sum.
 
-Absorbed decode never builds per-head keys or values: fold W_UK into the
-query, attend over the latent itself (MQA over a d_b + d_r "head"), apply W_UV
-after:
-    q~_bi = W_UK,b,i^T q_nope_i                      (width d_b)
-    s_bit = q~_bi . c_b,t + q_pe_i . k_pe_t
-    z_bi  = sum_t softmax(s_bi / sqrt(d_n + d_r))_t c_b,t
-    y_i   = R^-1/2 sum_r W_UV,(r,g),i^T z_(r,g),i
+Two forms of the same attention (`attend`), both through `mla_jax.attention.core`:
+  naive (expanded): per-head keys [k_nope | k_pe] and values re-expanded from
+    the latent, one `core.expanded` per branch;
+  absorbed: fold W_UK into the query, attend over the latent itself
+    (`core.absorbed`, MQA over a d_b + d_r "head" per block), apply W_UV after:
+    q~_bi = W_UK,b,i^T q_nope_i;  z_bi = softmax((q~_bi . c_b + q_pe_i . k_pe) / sqrt(d_n + d_r)) c_b
+    y_i = R^-1/2 sum_r W_UV,(r,g),i^T z_(r,g),i
+Decode uses the form --decode_impl names; training and prefill the one with
+fewer FLOPs per query-key pair.
 
 Tensor parallelism: blocks are the cache entries (`latent_blocks` -> tensor);
 each device keeps its blocks' latents, norms and W_UK/W_UV slices; the rope
@@ -44,34 +48,30 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mla_jax.attention.base import Attention, QueryBlocks, causal_dpa, resolve_impl
-from mla_jax import compat, sharding
-from mla_jax.kernels import latent_decode as kernel
-from mla_jax.config import AttentionConfig, _check, register
-from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rms_norm, rope
-from mla_jax.sharding import constrain
+from mla_jax.attention import core
+from mla_jax.attention.base import Attention
+from mla_jax.authors_layout import Layout, Param, linear
+from mla_jax.config import AttentionConfig, check, option
+from mla_jax.layers import RMSNorm, dense, param, rope
+from mla_jax.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LatentConfig(AttentionConfig):
-  q_lora_rank: int = 0             # 0: full-rank query projection
-  kv_lora_rank: int                # d_c, the whole latent (all blocks)
-  qk_nope_head_dim: int            # d_n
-  qk_rope_head_dim: int = 0        # d_r; 0 = "MLA without RoPE" (positions from elsewhere)
-  v_head_dim: int | None = None    # d_v; defaults to d_n
-  scales: bool = True              # q / kv variance scales (False: the *_no_scale ablation)
-  gated: bool = False              # y *= sigmoid(x W_g) before the output projection
-
-  VARIANTS = ()
-
-  @property
-  def branches(self) -> int:       # R: separate softmaxes summed per head
-    raise NotImplementedError
-
-  @property
-  def groups(self) -> int:         # G: latent blocks per branch, each serving h / G heads
-    raise NotImplementedError
+  q_lora_rank: int = option(64, "Query latent width (0 = full-rank query projection).")
+  kv_lora_rank: int = option(64, "KV latent width d_c, all blocks together.")
+  qk_nope_head_dim: int = option(32, "No-RoPE query/key width d_n.", legacy="head_dim")
+  qk_rope_head_dim: int = option(16, "Decoupled RoPE width d_r (0 = none: MLA without RoPE).",
+                                 legacy="rope_head_dim")
+  v_head_dim: int | None = option(None, "Value width d_v (default d_n).")
+  scales: bool = option(True, "The MLRA code base's variance scales (False: the authors' *_no_scale "
+                              "ablation, which also drops the 1/sqrt(branches) of the branch sum).",
+                        flag="latent_scales")
+  gated: bool = option(False, "Output gate sigmoid(x W_g) before the output projection.")
+  branches: int = option(1, "R: separate softmaxes summed per head (MLRA).")
+  groups: int = option(1, "G: latent blocks per branch, each serving num_heads / G query heads (GLA).")
 
   @property
   def num_blocks(self) -> int:
@@ -87,18 +87,20 @@ class LatentConfig(AttentionConfig):
 
   def validate(self, d_model=None):
     super().validate(d_model)
-    _check(self.kv_lora_rank >= 1, f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
-    _check(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
-    _check(self.qk_nope_head_dim >= 1, f"qk_nope_head_dim must be >= 1, got {self.qk_nope_head_dim}")
-    _check(self.qk_rope_head_dim >= 0 and self.qk_rope_head_dim % 2 == 0,
-           f"qk_rope_head_dim must be even and >= 0, got {self.qk_rope_head_dim}")
-    _check(self.value_dim >= 1, f"v_head_dim must be >= 1, got {self.v_head_dim}")
-    _check(self.kv_lora_rank % self.num_blocks == 0,
-           f"{self.variant}: kv_lora_rank={self.kv_lora_rank} must split into {self.num_blocks} "
-           f"equal blocks; use a multiple of {self.num_blocks}")
-    _check(self.num_heads % self.groups == 0,
-           f"{self.variant}: num_heads={self.num_heads} must split into {self.groups} head groups; "
-           f"use a multiple of {self.groups}")
+    check(self.branches >= 1 and self.groups >= 1,
+          f"branches and groups must be >= 1, got {self.branches} and {self.groups}")
+    check(self.kv_lora_rank >= 1, f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
+    check(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
+    check(self.qk_nope_head_dim >= 1, f"qk_nope_head_dim must be >= 1, got {self.qk_nope_head_dim}")
+    check(self.qk_rope_head_dim >= 0 and self.qk_rope_head_dim % 2 == 0,
+          f"qk_rope_head_dim must be even and >= 0, got {self.qk_rope_head_dim}")
+    check(self.value_dim >= 1, f"v_head_dim must be >= 1, got {self.v_head_dim}")
+    check(self.kv_lora_rank % self.num_blocks == 0,
+          f"{self.variant}: kv_lora_rank={self.kv_lora_rank} must split into {self.num_blocks} "
+          f"equal blocks; use a multiple of {self.num_blocks}")
+    check(self.num_heads % self.groups == 0,
+          f"{self.variant}: num_heads={self.num_heads} must split into {self.groups} head groups; "
+          f"use a multiple of {self.groups}")
 
   def dpa_unsupported(self):
     qk, v = self.qk_nope_head_dim + self.qk_rope_head_dim, self.value_dim
@@ -115,47 +117,22 @@ class LatentConfig(AttentionConfig):
   def partition_entries(self):
     return self.num_blocks
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MLAConfig(LatentConfig):
-  VARIANTS = ("mla",)
-  branches = property(lambda self: 1)
-  groups = property(lambda self: 1)
-
   def partition_entries_name(self):
-    return "latent (MLA has one, replicated on every device)"
+    if self.num_blocks == 1:
+      return "latent (one, replicated on every device)"
+    return "latent heads" if self.branches == 1 else "latent blocks"
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GLAConfig(LatentConfig):
-  VARIANTS = ("gla2", "gla4")
-  branches = property(lambda self: 1)
-  groups = property(lambda self: int(self.variant[-1]))
-
-  def partition_entries_name(self):
-    return "latent heads"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MLRAConfig(LatentConfig):
-  latent_blocks: int = 4           # B; 4 in both MLRA-2 and MLRA-4
-
-  VARIANTS = ("mlra2", "mlra4")
-  branches = property(lambda self: int(self.variant[-1]))
-  groups = property(lambda self: self.latent_blocks // self.branches)
-
-  def validate(self, d_model=None):
-    _check(self.latent_blocks % self.branches == 0,
-           f"{self.variant}: latent_blocks={self.latent_blocks} must be a multiple of "
-           f"{self.branches} branches")
-    super().validate(d_model)
-
-  def partition_entries_name(self):
-    return "latent blocks"
+  def training_form(self) -> str:
+    """Per query-key pair the expanded form multiplies over d_n + d_r (scores)
+    and d_v (values); the absorbed form over d_b + d_r and d_b. Narrow blocks
+    (MLRA's) make the absorbed form the cheaper one in training too."""
+    expanded = self.qk_nope_head_dim + self.qk_rope_head_dim + self.value_dim
+    absorbed = 2 * self.block_dim + self.qk_rope_head_dim
+    return "absorbed" if absorbed < expanded else "naive"
 
 
 class LatentAttention(Attention):
-  """Shared implementation; MLA, GLA and MLRA below only pick their config."""
+  Config = LatentConfig
 
   def __init__(self, config: LatentConfig, **kw):
     super().__init__(config, **kw)
@@ -190,19 +167,6 @@ class LatentAttention(Attention):
     self.kv_scale = math.sqrt(d / db) if config.scales else 1.0
     self.softmax_scale = 1.0 / math.sqrt(dn + dr)
 
-  # --------------------------------------------------------------- projections
-  def _queries(self, x, positions):
-    """q_nope [B, S, G, H_g, d_n] and rotated q_pe [B, S, G, H_g, d_r]."""
-    cfg = self.config
-    if cfg.q_lora_rank:
-      c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype)) * self.q_scale
-      q = dense(c_q, self.wq_b[...], "bsr,rgjk->bsgjk", self.dtype)
-    else:
-      q = dense(x, self.wq[...], "bsd,dgjk->bsgjk", self.dtype)
-    q = constrain(q, ("batch", "length") + self.head_axes + ("qk_dim",))
-    q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
-    return q_nope, rope(q_pe, positions, cfg.rope_theta)
-
   def cache_entries(self, x, positions):
     latent = dense(x, self.w_dkv[...], "bsd,dnc->bsnc", self.dtype)
     latent = self.kv_norm(latent) * self.kv_scale
@@ -212,195 +176,109 @@ class LatentAttention(Attention):
                              self.config.rope_theta)
     return out
 
+  def _queries(self, x, positions):
+    """q_nope [B, S, G, J, d_n] and rotated q_pe [B, S, G, J, d_r]."""
+    cfg = self.config
+    if cfg.q_lora_rank:
+      c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype)) * self.q_scale
+      q = dense(c_q, self.wq_b[...], "bsr,rgjk->bsgjk", self.dtype)
+    else:
+      q = dense(x, self.wq[...], "bsd,dgjk->bsgjk", self.dtype)
+    q = constrain(q, ("batch", "length") + self.head_axes + ("qk_dim",))
+    return q[..., :cfg.qk_nope_head_dim], rope(q[..., cfg.qk_nope_head_dim:], positions, cfg.rope_theta)
+
   def _blocks(self, w):
     """[B_blocks, ...] -> [R, G, ...]: block b = branch r * G + group g."""
     return w.reshape((self.config.branches, self.config.groups) + w.shape[1:])
 
-  def _output(self, x, y):
-    """y: [B, S, G, H_g, d_v], already summed over branches -> [B, S, d]."""
-    if self.config.gated:
+  def _form(self, kv_len) -> str:
+    if kv_len is not None:                        # over a cache: the form the run options name
+      return self.backend.decode_form
+    if self.backend.training == "dpa":            # dot_product_attention needs per-head keys
+      return "naive"
+    return self.config.training_form()
+
+  def attend(self, x, positions, kv, kv_len):
+    cfg = self.config
+    q_nope, q_pe = self._queries(x, positions)                          # [B, S, G, J, *]
+    cache = kv["kv_latent"].reshape(kv["kv_latent"].shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
+    rope_key = kv.get("rope_key")                                       # [B, T, d_r], shared by all heads
+    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])   # [R, G, d_b, J, *]
+    if self._form(kv_len) == "absorbed":
+      q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
+      z, _ = core.absorbed(q_latent, core.heads_major(cache), scale=self.softmax_scale, kv_len=kv_len,
+                           q_rope=core.heads_major(q_pe) if cfg.qk_rope_head_dim else None, rope_key=rope_key,
+                           backend=self.backend)                        # [B, R, G, J, S, d_b]
+      y = dense(z, w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)             # sums the branches
+    else:
+      q = core.heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
+      # per-head keys and values, the branches as the core's branch axis: [B, G, J, R, T, *]
+      key = dense(cache, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
+      value = dense(cache, w_uv, "btrgc,rgcjv->bgjrtv", self.dtype)
+      if cfg.qk_rope_head_dim:
+        # K = [k_nope | k_pe] with the shared rope key copied to every head (as
+        # the authors do): its gradient then sums over a key-sized tensor, not
+        # over the (much larger) scores.
+        k_pe = rope_key.astype(self.dtype)[:, None, None, None]
+        key = jnp.concatenate([key, jnp.broadcast_to(k_pe, key.shape[:-1] + k_pe.shape[-1:])], -1)
+      out, _ = core.expanded(q, key, value, scale=self.softmax_scale, kv_len=kv_len, branched=True,
+                             backend=self.backend)                      # summed over the branches
+      y = core.token_major(out)                                         # [B, S, G, J, d_v]
+    if cfg.scales:
+      y = y / math.sqrt(cfg.branches)
+    if cfg.gated:
       y = y * jax.nn.sigmoid(dense(x, self.wg[...], "bsd,dgjv->bsgjv", self.dtype))
     return dense(y, self.wo[...], "bsgjv,gjvd->bsd", self.dtype)
 
-  def _rope_scores(self, q_pe, kv, spec):
-    """q_pe . k_pe: the rope key is one vector per token, shared by every block and head."""
-    if not self.config.qk_rope_head_dim:
-      return 0.0
-    return jnp.einsum(spec, q_pe, kv["rope_key"].astype(q_pe.dtype), preferred_element_type=jnp.float32)
+  # ---- the MLRA authors' checkpoints (their model/mla.py, gla_2.py, gla_4.py, mlra_2.py,
+  # mlra_4.py, the *_gated and *_no_scale forms; always a low-rank query, d_v = d_n)
+  @staticmethod
+  def authors_config(shape, config_json, num_heads):
+    d_c = config_json.get("kv_lora_rank") or sum(shape(n)[-1] for n in shape.names if n.startswith("kv_a_layernorm"))
+    q_rows, out_cols = shape("q_b_proj.weight")[0], shape("c_proj.weight")[1]     # h (d_n + d_r), h d_n
+    d_r = config_json.get("qk_rope_head_dim", shape("kv_a_proj_with_mqa.weight")[0] - d_c)
+    heads = config_json.get("n_head", num_heads)
+    if heads is None:
+      if d_r == 0:
+        raise ValueError("no config.json and no rope key: pass --convert_num_heads")
+      heads = (q_rows - out_cols) // d_r
+    return dict(num_heads=heads, q_lora_rank=shape("q_a_proj.weight")[0], kv_lora_rank=d_c,
+                qk_nope_head_dim=config_json.get("qk_nope_head_dim", out_cols // heads), qk_rope_head_dim=d_r,
+                gated=shape.has("gated_proj"))
 
-  def _blocks_latent(self, latent):
-    """Cache layout [B, T, blocks, d_b] -> [B, T, R, G, d_b]."""
-    cfg = self.config
-    return latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
-
-  # --------------------------------------------------------------- attention
-  def _expand(self, kv):
-    """Per-head keys [B, G, J, R, T, d_n (+ d_r)] and values [B, G, J, R, T, d_v]
-    re-expanded from the latent. Layouts keep (batch, group, head) leading so
-    that every contraction is a plain batched matmul on the CPU and GPU alike."""
-    latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
-    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    key = dense(latent, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
-    value = dense(latent, w_uv, "btrgc,rgcjv->bgjrtv", self.dtype)
-    if self.config.qk_rope_head_dim:
-      # K = [k_nope | k_pe] with the shared rope key copied to every block and head
-      # (as the authors do): its gradient then sums over a key-sized tensor, not
-      # over the (much larger) scores.
-      k_pe = kv["rope_key"].astype(self.dtype)[:, None, None, None]          # [B, 1, 1, 1, T, e]
-      key = jnp.concatenate([key, jnp.broadcast_to(k_pe, key.shape[:-1] + k_pe.shape[-1:])], -1)
-    return key, value
-
-  def _heads_major_queries(self, x, positions):
-    """[q_nope | q_pe] laid out [B, G, J, S, d_n (+ d_r)], as `_expand`'s keys."""
-    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
-    q = jnp.concatenate([q_nope, q_pe], -1) if self.config.qk_rope_head_dim else q_nope
-    return q.transpose(0, 2, 3, 1, 4)
-
-  def _expanded_attention(self, q, key, value, mask):
-    """q [B, G, J, S, *] over `_expand`'s keys and values, mask [B or 1, S, T]
-    -> [B, G, J, S, d_v]; the branch sum of MLRA is folded into the probs @
-    values contraction (over branch and time at once)."""
-    scores = jnp.einsum("bgjsn,bgjrtn->bgjrst", q, key, preferred_element_type=jnp.float32)
-    probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(value.dtype)
-    return jnp.einsum("bgjrst,bgjrtv->bgjsv", probs, value)
-
-  def _attend_expanded(self, x, positions, kv, mask):
-    """Attention over per-head keys and values re-expanded from the latent (naive decode)."""
-    y = self._expanded_attention(self._heads_major_queries(x, positions), *self._expand(kv), mask)
-    return self._output(x, y.transpose(0, 3, 1, 2, 4) / math.sqrt(self.config.branches))
-
-  def _causal(self, x, positions, kv):
-    """Training and prefill: project (and expand or absorb) once, in heads-major
-    layouts, then each query block scores the key prefix it can see."""
-    if self.attention_impl == "dpa":
-      return self.attend_dpa(x, positions, kv)
-    cfg = self.config
-    blocks, outs = QueryBlocks(x.shape[1], self.causal_chunks), []
-    if self.training_impl() == "naive":
-      q, (key, value) = self._heads_major_queries(x, positions), self._expand(kv)
-      for q_b, k_b, v_b, mask in zip(blocks.queries(q, 3), blocks.keys(key, 4), blocks.keys(value, 4),
-                                     blocks.masks()):
-        outs.append(self._expanded_attention(q_b, k_b, v_b, mask))
-      y = blocks.join(outs, axis=3).transpose(0, 3, 1, 2, 4)      # [B, S, G, J, v]
-    else:
-      q_nope, q_pe = self._queries(x, positions)                  # [B, S, G, J, *]
-      w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-      q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
-      latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype).transpose(0, 2, 3, 1, 4)  # [B, R, G, T, c]
-      rope_parts = [None] * len(blocks.bounds)
-      if cfg.qk_rope_head_dim:
-        rope_parts = zip(blocks.queries(q_pe.transpose(0, 2, 3, 1, 4), 3),
-                         blocks.keys(kv["rope_key"].astype(self.dtype), 1))
-      for q_b, lat_b, rope_b, mask in zip(blocks.queries(q_latent, 4), blocks.keys(latent, 3), rope_parts,
-                                          blocks.masks()):
-        scores = jnp.einsum("brgjsc,brgtc->brgjst", q_b, lat_b, preferred_element_type=jnp.float32)
-        if rope_b is not None:   # one rope key per token, shared by every block and head
-          scores = scores + jnp.einsum("bgjse,bte->bgjst", *rope_b, preferred_element_type=jnp.float32)[:, None]
-        probs = masked_softmax(scores * self.softmax_scale, mask[:, None, None, None]).astype(latent.dtype)
-        outs.append(jnp.einsum("brgjst,brgtc->brgjsc", probs, lat_b))
-      y = dense(blocks.join(outs, axis=4), w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)
-    return self._output(x, y / math.sqrt(cfg.branches))
-
-  def _attend_absorbed(self, x, positions, kv, mask):
-    """Attend over the latent itself; W_UK folds into the query, W_UV comes after."""
-    q_nope, q_pe = self._queries(x, positions)
-    latent = self._blocks_latent(kv["kv_latent"]).astype(self.dtype)  # [B, T, R, G, d_b]
-    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->bsrgjc", self.dtype)
-    scores = jnp.einsum("bsrgjc,btrgc->brgjst", q_latent, latent, preferred_element_type=jnp.float32)
-    rope_scores = self._rope_scores(q_pe, kv, "bsgje,bte->bgjst")
-    if self.config.qk_rope_head_dim:
-      rope_scores = rope_scores[:, None]                          # same for every branch
-    scores = (scores + rope_scores) * self.softmax_scale
-    probs = masked_softmax(scores, mask[:, None, None, None]).astype(latent.dtype)
-    context = jnp.einsum("brgjst,btrgc->bsrgjc", probs, latent)     # z, width d_b
-    y = dense(context, w_uv, "bsrgjc,rgcjv->bsgjv", self.dtype) / math.sqrt(self.config.branches)
-    return self._output(x, y)
-
-  def attend_dpa(self, x, positions, kv):
-    """One jax.nn.dot_product_attention per branch, summed (needs d_n + d_r == d_v)."""
-    cfg = self.config
-    q_nope, q_pe = self._queries(x, positions)                    # [B, S, G, J, *]
-    q = jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope
-    q = q.reshape(q.shape[:2] + (cfg.num_heads, q.shape[-1]))       # head = g * J + j
-    latent = self._blocks_latent(kv["kv_latent"])                 # [B, T, R, G, d_b]
-    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    y = 0.0
-    for r in range(cfg.branches):
-      k = dense(latent[:, :, r], w_uk[r], "btgc,gcjn->btgjn", self.dtype)
-      v = dense(latent[:, :, r], w_uv[r], "btgc,gcjv->btgjv", self.dtype)
-      if cfg.qk_rope_head_dim:
-        k_pe = kv["rope_key"].astype(self.dtype)[:, :, None, None]
-        k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:-1] + k_pe.shape[-1:])], -1)
-      flat = lambda a: a.reshape(a.shape[:2] + (cfg.num_heads, a.shape[-1]))  # noqa: E731
-      y = y + causal_dpa(q, flat(k), flat(v))
-    y = y / math.sqrt(cfg.branches)
-    return self._output(x, y.reshape(y.shape[:2] + (cfg.groups, cfg.num_heads // cfg.groups, -1)))
-
-  def _attend_pallas(self, x, positions, kv, mask):
-    """The absorbed decode through the Pallas kernel (interpret mode off GPUs):
-    the kernel returns each block's latent context; W_UV and the branch sum
-    stay in XLA. Under a mesh it runs per device on that device's blocks."""
-    cfg = self.config
-    q_nope, q_pe = self._queries(x, positions)                    # [B, 1, G, J, *]
-    w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])
-    cache_dtype = kv["kv_latent"].dtype
-    q_latent = dense(q_nope[:, 0], w_uk, "bgjn,rgcjn->brgjc", self.dtype)
-    shape = (x.shape[0], cfg.num_blocks, cfg.num_heads // cfg.groups)
-    q_latent = q_latent.reshape(shape + (cfg.block_dim,)).astype(cache_dtype)
-    q_rope = None
-    if cfg.qk_rope_head_dim:
-      q_rope = jnp.broadcast_to(q_pe[:, 0][:, None], (x.shape[0], cfg.branches) + q_pe.shape[2:])
-      q_rope = q_rope.reshape(shape + (cfg.qk_rope_head_dim,)).astype(cache_dtype)
-    kv_len = jnp.sum(mask[:, 0, :], axis=-1).astype(jnp.int32)   # decode masks are prefixes
-
-    def run(q_latent, q_rope, latent, rope, kv_len):
-      return kernel.latent_decode(q_latent, q_rope, latent, rope, kv_len, scale=self.softmax_scale,
-                                  interpret=not compat.on_gpu())[0]
-
-    q_axes = ("batch", "latent_blocks", "q_per_entry", None)
-    context = sharding.per_device(
-        run, (q_latent, q_rope, kv["kv_latent"], kv.get("rope_key"), kv_len),
-        (q_axes, q_axes, ("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
-         ("cache_batch", "cache_length", "rope_dim"), ("batch",)), q_axes)
-    context = context.reshape((x.shape[0], cfg.branches, cfg.groups) + context.shape[2:])
-    y = dense(context, w_uv, "brgjc,rgcjv->bgjv", self.dtype) / math.sqrt(cfg.branches)
-    return self._output(x, y[:, None])
-
-  def kernel_unsupported(self, x) -> str | None:
-    if x.shape[1] != 1:
-      return "the kernel decodes one token per sequence"
-    return kernel.unsupported(self.config.block_dim, self.config.qk_rope_head_dim)
-
-  def training_impl(self):
-    # Per query-key pair the expanded form multiplies over d_n + d_r (scores)
-    # and d_v (values); the absorbed form over d_b + d_r and d_b. Narrow blocks
-    # (MLRA's) make the absorbed form the cheaper one in training too.
-    cfg = self.config
-    expanded = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.value_dim
-    absorbed = 2 * cfg.block_dim + cfg.qk_rope_head_dim
-    return "absorbed" if absorbed < expanded else "naive"
-
-  def attend(self, x, positions, kv, mask, impl="naive"):
-    if impl in ("pallas", "auto"):
-      impl = resolve_impl(impl, self.kernel_unsupported(x))
-    if impl == "naive":
-      return self._attend_expanded(x, positions, kv, mask)
-    if impl == "pallas":
-      return self._attend_pallas(x, positions, kv, mask)
-    return self._attend_absorbed(x, positions, kv, mask)
-
-
-@register("mla")
-class MLA(LatentAttention):
-  Config = MLAConfig
-
-
-@register("gla2", "gla4")
-class GLA(LatentAttention):
-  Config = GLAConfig
-
-
-@register("mlra2", "mlra4")
-class MLRA(LatentAttention):
-  Config = MLRAConfig
+  @staticmethod
+  def authors_layout(cfg: LatentConfig, d: int) -> Layout:
+    h, dn, dr, dc, rq = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+    nb, groups, per = cfg.num_blocks, cfg.groups, cfg.num_heads // cfg.groups
+    if not rq or cfg.value_dim != dn:
+      raise ValueError("the authors' latent models have a low-rank query and d_v = d_n")
+    tensors = {"q_a_proj.weight": (rq, d), "q_a_layernorm.weight": (rq,), "q_b_proj.weight": (h * (dn + dr), rq),
+               "kv_a_proj_with_mqa.weight": (dc + dr, d), "c_proj.weight": (d, h * dn)}
+    params = [linear("wq_a", "q_a_proj.weight", d, rq),
+              Param(("q_norm", "weight"), ("q_a_layernorm.weight",), lambda w: w),
+              linear("wq_b", "q_b_proj.weight", rq, groups, per, dn + dr),           # head = g * per + j
+              Param(("w_dkv",), ("kv_a_proj_with_mqa.weight",), lambda w: w.T[:, :dc].reshape(d, nb, dc // nb)),
+              linear("wo", "c_proj.weight", groups, per, dn, d)]
+    if dr:
+      params.append(Param(("w_kr",), ("kv_a_proj_with_mqa.weight",), lambda w: w.T[:, dc:]))
+    # Their up-projection per block: [k_nope | v] for each head the block serves.
+    if nb == 1:                     # mla.py: one latent
+      norms, ups = ("kv_a_layernorm.weight",), ("kv_b_proj.weight",)
+      tensors.update({norms[0]: (dc,), ups[0]: (h * 2 * dn, dc)})
+      up = lambda w: w.T.reshape(1, dc, h, 2 * dn)                                       # noqa: E731
+    elif nb == 2:                   # gla_2.py: one Linear per latent head
+      norms = tuple(f"kv_a_layernorm_{k}.weight" for k in (1, 2))
+      ups = tuple(f"kv_b_proj_{k}.weight" for k in (1, 2))
+      tensors.update({n: (dc // 2,) for n in norms} | {u: (per * 2 * dn, dc // 2) for u in ups})
+      up = lambda *ws: np.stack([w.T.reshape(dc // 2, per, 2 * dn) for w in ws])         # noqa: E731
+    else:                           # gla_4.py, mlra_*.py: one parameter [blocks, in, out] for all blocks
+      norms, ups = tuple(f"kv_a_layernorms.{b}.weight" for b in range(nb)), ("kv_b_proj",)
+      tensors.update({n: (dc // nb,) for n in norms} | {ups[0]: (nb, dc // nb, per * 2 * dn)})
+      up = lambda w: w.reshape(nb, dc // nb, per, 2 * dn)                                 # noqa: E731
+    params += [Param(("kv_norm", "weight"), norms, lambda *ws: np.stack(ws)),
+               Param(("w_uk",), ups, lambda *ws: up(*ws)[..., :dn]),
+               Param(("w_uv",), ups, lambda *ws: up(*ws)[..., dn:])]
+    if cfg.gated:
+      tensors["gated_proj.weight"] = (h * dn, d)
+      params.append(linear("wg", "gated_proj.weight", d, groups, per, dn))
+    return Layout(tensors, tuple(params))

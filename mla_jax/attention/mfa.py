@@ -16,28 +16,26 @@ MLRA authors' code pins down the exact form.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import jax.numpy as jnp
-
-from mla_jax import sharding
-from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
-from mla_jax.kernels import jax_decode
-from mla_jax.config import AttentionConfig, _check, register
-from mla_jax.layers import RMSNorm, dense, masked_softmax, param, rope
-from mla_jax.sharding import constrain
+from mla_jax.attention import core
+from mla_jax.attention.base import Attention
+from mla_jax.authors_layout import Layout, Param, linear
+from mla_jax.config import AttentionConfig, check, option
+from mla_jax.layers import RMSNorm, dense, param, rope
+from mla_jax.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MFAConfig(AttentionConfig):
-  head_dim: int                    # C
-  q_lora_rank: int                 # C_q
-
-  VARIANTS = ("mfa",)
+  head_dim: int = option(64, "MFA head width C (of every query head and the one K and V head).",
+                         flag="mfa_head_dim")
+  q_lora_rank: int = option(64, "MFA query latent width C_q.", flag="mfa_q_rank")
 
   def validate(self, d_model=None):
     super().validate(d_model)
-    _check(self.q_lora_rank >= 1, f"mfa: q_lora_rank must be >= 1, got {self.q_lora_rank}")
-    _check(self.head_dim % 2 == 0, f"mfa: RoPE needs an even head_dim, got {self.head_dim}")
+    check(self.q_lora_rank >= 1, f"mfa: q_lora_rank must be >= 1, got {self.q_lora_rank}")
+    check(self.head_dim % 2 == 0, f"mfa: RoPE needs an even head_dim, got {self.head_dim}")
 
   def cache_spec(self):
     return {"key": ((self.head_dim,), ("head_dim",)), "value": ((self.head_dim,), ("head_dim",))}
@@ -49,7 +47,6 @@ class MFAConfig(AttentionConfig):
     return "KV head (MFA has one, replicated on every device)"
 
 
-@register("mfa")
 class MFA(Attention):
   Config = MFAConfig
 
@@ -69,33 +66,29 @@ class MFA(Attention):
     k = rope(dense(x, self.wk[...], "bsd,dc->bsc", self.dtype), positions, self.config.rope_theta)
     return {"key": k, "value": dense(x, self.wv[...], "bsd,dc->bsc", self.dtype)}
 
-  def attend(self, x, positions, kv, mask, impl="naive"):
-    # MQA-shaped: nothing to absorb, 'naive' and 'absorbed' coincide.
+  def attend(self, x, positions, kv, kv_len):
     cfg = self.config
     c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
     q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
-    if impl in ("pallas", "auto"):
-      why = "the kernel decodes one token per sequence" if x.shape[1] != 1 else \
-          jax_decode.plan(kv["key"].shape[1], cfg.head_dim)[1]
-      impl = resolve_impl(impl, why)
-    if impl == "pallas":                                  # MQA-shaped: JAX's own decode op
-      kv_len = jnp.sum(mask[:, 0, :], axis=-1).astype(jnp.int32)
-      cache_axes = ("cache_batch", "cache_length", "head_dim")
-      y = sharding.per_device(
-          lambda q, k, v, n: jax_decode.mqa(q, k, v, n, scale=1.0 / cfg.head_dim ** 0.5),
-          (q[:, 0], kv["key"], kv["value"], kv_len),
-          (("batch", "q_heads", None), cache_axes, cache_axes, ("batch",)), ("batch", "q_heads", None))
-      return dense(y[:, None], self.wo[...], "bshc,hcd->bsd", self.dtype)
-    scores = jnp.einsum("bshc,btc->bhst", q, kv["key"].astype(self.dtype),
-                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)
-    y = jnp.einsum("bhst,btc->bshc", probs, kv["value"].astype(self.dtype))
-    return dense(y, self.wo[...], "bshc,hcd->bsd", self.dtype)
+    # MQA-shaped: one key and one value head ([B, T, C]: no head axes) serve every query head
+    y, _ = core.expanded(core.heads_major(q), kv["key"], kv["value"], scale=1.0 / math.sqrt(cfg.head_dim),
+                         kv_len=kv_len, backend=self.backend)
+    return dense(core.token_major(y), self.wo[...], "bshc,hcd->bsd", self.dtype)
 
-  def attend_dpa(self, x, positions, kv):
-    cfg = self.config
-    c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
-    q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
-    y = causal_dpa(q, kv["key"][:, :, None], kv["value"][:, :, None])  # one K and one V head
-    return dense(y, self.wo[...], "bshc,hcd->bsd", self.dtype)
+  # ---- the MLRA authors' checkpoints (their model/mfa.py)
+  @staticmethod
+  def authors_config(shape, config_json, num_heads):
+    width = shape("c_k.weight")[0]
+    return dict(num_heads=config_json.get("n_head", num_heads) or shape("w_q.weight")[0] // width,
+                head_dim=width, q_lora_rank=shape("c_q.weight")[0])
+
+  @staticmethod
+  def authors_layout(cfg: MFAConfig, d: int) -> Layout:
+    h, c, cq = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank
+    tensors = {"c_q.weight": (cq, d), "q_layernorm.weight": (cq,), "w_q.weight": (h * c, cq),
+               "c_k.weight": (c, d), "c_v.weight": (c, d), "c_proj.weight": (d, h * c)}
+    params = (linear("wq_a", "c_q.weight", d, cq), Param(("q_norm", "weight"), ("q_layernorm.weight",), lambda w: w),
+              linear("wq_b", "w_q.weight", cq, h, c), linear("wk", "c_k.weight", d, c),
+              linear("wv", "c_v.weight", d, c), linear("wo", "c_proj.weight", h, c, d))
+    return Layout(tensors, params)

@@ -9,39 +9,42 @@ RoPE acts on the B factors (it commutes with the contraction over R), so the
 cache holds the factors themselves: (R_K + R_V)(h + d_h) per token (608 at the
 MLRA paper's config, R_K = R_V = 2).
 
-Decode from the factors (`absorbed`) never rebuilds K or V:
+Decode from the factors (`absorbed`) never rebuilds K or V (TPA's own scoring,
+with the core's softmax):
     s_it = sum_r A_K[t, i, r] (q_i . B_K[t, r]) / R_K
     o_i  = sum_r sum_t (p_it A_V[t, i, r]) B_V[t, r] / R_V
-`naive` rebuilds K and V for every cached token. Under TP the A factors carry
+Training, prefill and `naive` decode rebuild K and V and go through `core.expanded`. Under TP the A factors carry
 heads and split; the B factors are replicated: (R_K + R_V)(h / T + d_h) per device.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
-from mla_jax.attention.base import Attention, causal_dpa, resolve_impl
-from mla_jax.config import AttentionConfig, _check, register
-from mla_jax.layers import dense, masked_softmax, param, rope, xavier_uniform_3d
-from mla_jax.sharding import constrain
+from mla_jax.attention import core
+from mla_jax.attention.base import Attention
+from mla_jax.authors_layout import Layout, linear
+from mla_jax.config import AttentionConfig, check, option
+from mla_jax.layers import dense, param, rope, xavier_uniform_3d
+from mla_jax.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TPAConfig(AttentionConfig):
-  head_dim: int
-  q_rank: int = 6                  # R_Q
-  k_rank: int = 2                  # R_K
-  v_rank: int = 2                  # R_V
-  xavier_init: bool = True         # the authors' factor initialisation (False: N(0, init_std))
-
-  VARIANTS = ("tpa",)
+  head_dim: int = option(32, "Head width.")
+  q_rank: int = option(6, "TPA query rank R_Q.", flag="tpa_q_rank")
+  k_rank: int = option(2, "TPA key rank R_K.", flag="tpa_k_rank", legacy="tpa_kv_rank")
+  v_rank: int = option(2, "TPA value rank R_V.", flag="tpa_v_rank", legacy="tpa_kv_rank")
+  xavier_init: bool = option(True, "The TPA authors' factor initialisation (False: N(0, init_std)).",
+                             flag="tpa_xavier_init")
 
   def validate(self, d_model=None):
     super().validate(d_model)
     for name in ("q_rank", "k_rank", "v_rank"):
-      _check(getattr(self, name) >= 1, f"tpa: {name} must be >= 1, got {getattr(self, name)}")
-    _check(self.head_dim % 2 == 0, f"tpa: RoPE needs an even head_dim, got {self.head_dim}")
+      check(getattr(self, name) >= 1, f"tpa: {name} must be >= 1, got {getattr(self, name)}")
+    check(self.head_dim % 2 == 0, f"tpa: RoPE needs an even head_dim, got {self.head_dim}")
 
   def cache_spec(self):
     h, dh = self.num_heads, self.head_dim
@@ -57,7 +60,6 @@ class TPAConfig(AttentionConfig):
     return "heads (the A factors)"
 
 
-@register("tpa")
 class TPA(Attention):
   Config = TPAConfig
 
@@ -75,13 +77,6 @@ class TPA(Attention):
     self.wo = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), std=self.out_std,
                     dtype=self.param_dtype)
 
-  def _queries(self, x, positions):
-    cfg = self.config
-    a_q = dense(x, self.wa_q[...], "bsd,dhr->bshr", self.dtype)
-    b_q = rope(dense(x, self.wb_q[...], "bsd,drk->bsrk", self.dtype), positions, cfg.rope_theta)
-    q = jnp.einsum("bshr,bsrk->bshk", a_q, b_q) / cfg.q_rank
-    return constrain(q, ("batch", "length", "act_heads", "head_dim"))
-
   def cache_entries(self, x, positions):
     theta = self.config.rope_theta
     return {
@@ -93,41 +88,44 @@ class TPA(Attention):
         "value_b": dense(x, self.wb_v[...], "bsd,drk->bsrk", self.dtype),
     }
 
-  def _output(self, y):
-    return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)
-
-  def _attend_expanded(self, x, positions, kv, mask):
+  def attend(self, x, positions, kv, kv_len):
     cfg = self.config
-    q = self._queries(x, positions)
+    a_q = dense(x, self.wa_q[...], "bsd,dhr->bshr", self.dtype)
+    b_q = rope(dense(x, self.wb_q[...], "bsd,drk->bsrk", self.dtype), positions, cfg.rope_theta)
+    q = constrain(jnp.einsum("bshr,bsrk->bshk", a_q, b_q) / cfg.q_rank, ("batch", "length", "act_heads", "head_dim"))
+    q = core.heads_major(q)                                             # [B, h, S, d_h]
     f = {name: a.astype(self.dtype) for name, a in kv.items()}
-    k = jnp.einsum("bthr,btrk->bthk", f["key_a"], f["key_b"]) / cfg.k_rank
-    v = jnp.einsum("bthr,btrk->bthk", f["value_a"], f["value_b"]) / cfg.v_rank
-    scores = jnp.einsum("bshk,bthk->bhst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-    probs = masked_softmax(scores, mask[:, None]).astype(v.dtype)
-    return self._output(jnp.einsum("bhst,bthk->bshk", probs, v))
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    if kv_len is None or self.backend.decode_form == "naive":
+      k = jnp.einsum("bthr,btrk->bhtk", f["key_a"], f["key_b"]) / cfg.k_rank
+      v = jnp.einsum("bthr,btrk->bhtk", f["value_a"], f["value_b"]) / cfg.v_rank
+      y, _ = core.expanded(q, k, v, scale=scale, kv_len=kv_len, backend=self.backend)
+    else:                                                               # from the factors
+      self.backend.xla_only("tpa decodes from its cached factors in XLA; no Pallas kernel reads them")
+      q_dot_b = jnp.einsum("bhsk,btrk->bhstr", q, f["key_b"])           # q_i . B_K[t, r]
+      scores = jnp.einsum("bhstr,bthr->bhst", q_dot_b, f["key_a"], preferred_element_type=jnp.float32)
+      probs, _ = core.softmax(scores * (scale / cfg.k_rank), core.mask(kv_len, q.shape[-2], scores.shape[-1]))
+      weights = probs.astype(self.dtype)[..., None] * jnp.swapaxes(f["value_a"], 1, 2)[:, :, None]
+      y = jnp.einsum("bhstr,btrk->bhsk", weights, f["value_b"]) / cfg.v_rank   # p_it A_V[t, i, r] B_V[t, r]
+    return dense(core.token_major(y), self.wo[...], "bshk,hkd->bsd", self.dtype)
 
-  def _attend_factored(self, x, positions, kv, mask):
-    cfg = self.config
-    q = self._queries(x, positions)
-    f = {name: a.astype(self.dtype) for name, a in kv.items()}
-    q_dot_b = jnp.einsum("bshk,btrk->bhstr", q, f["key_b"])           # q_i . B_K[t, r]
-    scores = jnp.einsum("bhstr,bthr->bhst", q_dot_b, f["key_a"],
-                        preferred_element_type=jnp.float32) / (cfg.k_rank * jnp.sqrt(cfg.head_dim))
-    probs = masked_softmax(scores, mask[:, None]).astype(self.dtype)
-    weights = probs[..., None] * jnp.swapaxes(f["value_a"], 1, 2)[:, :, None]   # p_it A_V[t, i, r]
-    y = jnp.einsum("bhstr,btrk->bshk", weights, f["value_b"]) / cfg.v_rank
-    return self._output(y)
+  # ---- the MLRA authors' checkpoints (their model/tpa.py)
+  @staticmethod
+  def authors_config(shape, config_json, num_heads):
+    a_q, b_q = shape("c_qkv.W_A_q.weight")[0], shape("c_qkv.W_B_q.weight")[0]
+    width = shape("c_proj.weight")[1]                               # heads x head_dim
+    q_rank = config_json.get("q_rank", round(math.sqrt(a_q * b_q / width)))
+    heads = config_json.get("n_head", num_heads) or a_q // q_rank
+    return dict(num_heads=heads, head_dim=b_q // q_rank, q_rank=q_rank, k_rank=shape("c_qkv.W_A_k.weight")[0] // heads,
+                v_rank=shape("c_qkv.W_A_v.weight")[0] // heads, xavier_init=False)
 
-  def attend(self, x, positions, kv, mask, impl="naive"):
-    if impl in ("pallas", "auto"):
-      impl = resolve_impl(impl, f"no Pallas decode kernel for {self.config.variant} yet")
-    if impl == "naive":
-      return self._attend_expanded(x, positions, kv, mask)
-    return self._attend_factored(x, positions, kv, mask)
-
-  def attend_dpa(self, x, positions, kv):
-    cfg = self.config
-    f = {name: a.astype(self.dtype) for name, a in kv.items()}
-    k = jnp.einsum("bthr,btrk->bthk", f["key_a"], f["key_b"]) / cfg.k_rank
-    v = jnp.einsum("bthr,btrk->bthk", f["value_a"], f["value_b"]) / cfg.v_rank
-    return self._output(causal_dpa(self._queries(x, positions), k, v))
+  @staticmethod
+  def authors_layout(cfg: TPAConfig, d: int) -> Layout:
+    h, dh = cfg.num_heads, cfg.head_dim
+    tensors, params = {"c_proj.weight": (d, h * dh)}, [linear("wo", "c_proj.weight", h, dh, d)]
+    for name, rank in (("q", cfg.q_rank), ("k", cfg.k_rank), ("v", cfg.v_rank)):
+      tensors[f"c_qkv.W_A_{name}.weight"] = (h * rank, d)
+      tensors[f"c_qkv.W_B_{name}.weight"] = (rank * dh, d)
+      params += [linear(f"wa_{name}", f"c_qkv.W_A_{name}.weight", d, h, rank),      # head-major
+                 linear(f"wb_{name}", f"c_qkv.W_B_{name}.weight", d, rank, dh)]
+    return Layout(tensors, tuple(params))

@@ -7,8 +7,7 @@ cannot.
 """
 from __future__ import annotations
 
-
-from mla_jax import compat
+import jax.numpy as jnp
 
 
 def _is_pow2(n: int) -> bool:
@@ -33,17 +32,23 @@ def _ops():
   return decode_attention
 
 
-def gqa(q, k, v, kv_len, *, scale: float):
-  """q [B, Hq, D], k and v [B, T, Hkv, D], kv_len [B] -> [B, Hq, D]."""
+def _lse(residuals):
+  """The ops' residuals are the softmax denominator l and the running max m of the scaled scores."""
+  l, m = residuals
+  return m + jnp.log(l)
+
+
+def gqa(q, k, v, kv_len, *, scale: float, interpret: bool):
+  """q [B, Hq, D], k and v [B, T, Hkv, D], kv_len [B] -> ([B, Hq, D], lse [B, Hq])."""
   (k_splits, block_k), _ = plan(k.shape[1], k.shape[-1])
-  return _ops().gqa(q, k.astype(q.dtype), v.astype(q.dtype), kv_seq_len=kv_len, sm_scale=scale,
-                    k_splits=k_splits, block_k=block_k, interpret=not compat.on_gpu())
+  out, residuals = _ops().gqa(q, k.astype(q.dtype), v.astype(q.dtype), kv_seq_len=kv_len, sm_scale=scale,
+                              k_splits=k_splits, block_k=block_k, interpret=interpret, return_residuals=True)
+  return out, _lse(residuals)
 
 
-def mqa(q, k, v, kv_len, *, scale: float):
-  """q [B, H, D], k and v [B, T, D], kv_len [B] -> [B, H, D]."""
+def mqa(q, k, v, kv_len, *, scale: float, interpret: bool):
+  """q [B, H, D], k and v [B, T, D], kv_len [B] -> ([B, H, D], lse [B, H])."""
   (k_splits, block_k), _ = plan(k.shape[1], k.shape[-1])
-  return _ops().mqa(q, k.astype(q.dtype), v.astype(q.dtype), kv_seq_len=kv_len, sm_scale=scale,
-                    k_splits=k_splits, block_k=block_k, interpret=not compat.on_gpu())
-
-
+  out, residuals = _ops().mqa(q, k.astype(q.dtype), v.astype(q.dtype), kv_seq_len=kv_len, sm_scale=scale,
+                              k_splits=k_splits, block_k=block_k, interpret=interpret, return_residuals=True)
+  return out, _lse(residuals)

@@ -1,0 +1,379 @@
+"""The attention core: the few pure functions every attention path calls.
+
+    expanded(q, key, value)        softmax(q . key * scale) value        (per-head keys and values)
+    absorbed(q_latent, latent)     softmax(q_latent . latent * scale) latent
+                                   (the latent family's decode form: the latent is the key and the value)
+    softmax(scores, visible)       the masked softmax both use, with its log-sum-exp
+    merge(parts)                   attention over disjoint key sets combined exactly
+
+Both forms take an optional decoupled rope part, scored separately and added
+to the scores (`q_rope . rope_key`: the latent family's shared rope key, GTA's;
+its head axes are the trailing ones of q's, so it may be shared across the
+leading ones, as MLRA's branches share it). `expanded` also takes branched keys
+(MLRA's naive form: a softmax per branch, summed in the values contraction).
+Both return the output and the log-sum-exp of every score row, so partial
+results over disjoint keys merge exactly (split-K, context parallelism).
+Training (causal, in query blocks), prefill and decode all call them; the
+variants only say how their queries, keys and values map onto them.
+
+Layouts are heads-major: q [B, *H, S, D], key [B, *K, T, D], value [B, *K, T, Dv]
+(`heads_major` moves a token-major cache or projection there), where the key's
+head axes K are a prefix of the query's H: the trailing query axes share one key
+(GQA's groups, MQA, the latent family's query heads per latent block). A shared
+rope key has no head axes at all: rope_key [B, T, E]. Outputs are [B, *H, S, Dv],
+log-sum-exps [B, *H, S].
+
+Which keys each query sees is one rule: query s of S sits at position
+kv_len - S + s and sees keys t <= that position (kv_len None: all T keys, i.e.
+causal attention over the sequence's own entries). Decode passes kv_len =
+tokens cached per sequence; training and prefill pass None.
+
+The backend (our einsums, jax.nn.dot_product_attention, the Pallas decode
+kernels) is resolved once per module from the run options and the device
+(`backend`), and chosen per call here, from the shapes: nothing else in the
+library names a backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax import compat, rules
+from mla_jax.config import AttentionConfig, RunOptions
+from mla_jax.kernels import jax_decode
+from mla_jax.kernels import latent_decode as latent_kernel
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """Run options resolved for one attention module on this device."""
+  training: str = "einsum"            # causal attention: einsum | dpa
+  causal_chunks: int = 0              # einsum training: query blocks (0 = automatic)
+  decode_form: str = "absorbed"       # naive | absorbed: the form variants with two of them decode in
+  decode_kernel: str = "none"         # none | pallas (or an error) | pallas_if_supported (or XLA)
+  interpret: bool = True              # Pallas in interpret mode (no GPU)
+
+  def xla_only(self, why: str) -> None:
+    """For a decode form no kernel implements: an error only if a kernel was demanded."""
+    if self.decode_kernel == "pallas":
+      raise ValueError(f"decode_impl='pallas' cannot run here: {why}; use 'auto' (falls back to XLA) "
+                       "or 'absorbed'")
+
+
+def backend(options: RunOptions, config: AttentionConfig) -> Backend:
+  """The one place the run options and the device pick the attention backend."""
+  if options.attention_impl == "dpa":
+    why = config.dpa_unsupported()
+    if why is not None:
+      raise ValueError(f"attention_impl='dpa' cannot run {config.variant}: {why}; use attention_impl='einsum'")
+  on_gpu = compat.on_gpu()
+  kernel = {"pallas": "pallas", "auto": "pallas_if_supported" if on_gpu else "none"}.get(options.decode_impl, "none")
+  return Backend(training=options.attention_impl, causal_chunks=options.causal_chunks,
+                 decode_form="naive" if options.decode_impl == "naive" else "absorbed",
+                 decode_kernel=kernel, interpret=not on_gpu)
+
+
+DEFAULT = Backend()
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def heads_major(x: jax.Array) -> jax.Array:
+  """[B, T, *heads, D] (how caches and projections come) -> [B, *heads, T, D]."""
+  return jnp.moveaxis(x, 1, -2)
+
+
+def token_major(y: jax.Array) -> jax.Array:
+  """[B, *heads, S, D] -> [B, S, *heads, D]."""
+  return jnp.moveaxis(y, -2, 1)
+
+
+def _specs(q_ndim: int, k_ndim: int, branched: bool = False) -> tuple[str, str]:
+  """einsum specs of q . k and probs . v: the key's head axes are a prefix of the
+  query's; a branched key has one more axis r before its tokens, scored and
+  normalised separately and summed over in probs . v (with t)."""
+  heads = "ghijklmn"[:q_ndim - 3]
+  r = "r" if branched else ""
+  kv_heads = heads[:k_ndim - 3 - len(r)]
+  return (f"b{heads}sd,b{kv_heads}{r}td->b{heads}{r}st", f"b{heads}{r}st,b{kv_heads}{r}te->b{heads}se")
+
+
+# ----------------------------------------------------------------------------- the formulas
+
+
+def mask(kv_len: jax.Array | None, q_len: int, k_len: int) -> jax.Array:
+  """[B or 1, q_len, k_len]: query s sees keys t <= kv_len - q_len + s (kv_len None: k_len)."""
+  s, t = jnp.arange(q_len)[:, None], jnp.arange(k_len)[None, :]
+  if kv_len is None:
+    return (t <= s + (k_len - q_len))[None]
+  return t[None] <= (kv_len[:, None, None] - q_len + s[None])
+
+
+def softmax(scores: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax over the last axis in fp32 with invisible keys at probability 0,
+  and its log-sum-exp. `visible` is [B or 1, S, T]; scores carry head axes
+  between batch and S.
+
+  The mask enters as an additive bias built on the (small, broadcast) mask
+  itself: its gradient is the identity, where a select on the scores would
+  cost one more pass over them in the backward."""
+  heads = scores.ndim - 3
+  visible = visible.reshape(visible.shape[:1] + (1,) * heads + visible.shape[1:])
+  biased = scores.astype(jnp.float32) + jnp.where(visible, 0.0, -1e30).astype(jnp.float32)
+  # The log-sum-exp is unused in training, where XLA drops it; decode and merges read it.
+  return jax.nn.softmax(biased, axis=-1), jax.nn.logsumexp(biased, axis=-1)
+
+
+def _leading(a: jax.Array, ndim: int) -> jax.Array:
+  """`a` with singleton head axes after the batch axis, up to `ndim` axes."""
+  return a.reshape(a.shape[:1] + (1,) * (ndim - a.ndim) + a.shape[1:])
+
+
+def _attend(q, key, value, visible, scale, q_rope, rope_key, branched):
+  """The one formula: scores (plus a separately scored rope part), masked softmax,
+  weighted values."""
+  score_spec, value_spec = _specs(q.ndim, key.ndim, branched)
+  scores = jnp.einsum(score_spec, q, key.astype(q.dtype), preferred_element_type=jnp.float32)
+  if q_rope is not None:
+    rope_spec, _ = _specs(q_rope.ndim, rope_key.ndim)
+    scores = scores + _leading(jnp.einsum(rope_spec, q_rope, rope_key.astype(q_rope.dtype),
+                                          preferred_element_type=jnp.float32), scores.ndim)
+  probs, lse = softmax(scores * scale, visible)
+  value = value.astype(q.dtype)
+  return jnp.einsum(value_spec, probs.astype(value.dtype), value), lse
+
+
+def query_blocks(seq: int, chunks: int) -> list[tuple[int, int]]:
+  """[lo, hi) bounds of `chunks` near-equal query blocks covering [0, seq).
+  chunks 0: one block per 64 queries, at most 4 (smaller blocks save little of
+  the masked work and cost more, smaller ops; and compile time)."""
+  if chunks == 0:
+    chunks = min(4, seq // 64)
+  chunks = max(1, min(chunks, seq))
+  bounds = [round(i * seq / chunks) for i in range(chunks + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _causal(q, key, value, scale, q_rope, rope_key, chunks, branched):
+  """Causal attention of a sequence over its own entries in query blocks: block
+  [lo, hi) is scored against keys [0, hi) only, so the score blocks above the
+  diagonal are never computed, in the forward or the backward. Arrays are cut
+  with split / concatenate along the token axis (-2): the gradient of a slice
+  would be a zero-padded full-length array per block, that of a split is a
+  concatenation."""
+  bounds = query_blocks(q.shape[-2], chunks)
+  if len(bounds) == 1:
+    return _attend(q, key, value, mask(None, q.shape[-2], key.shape[-2]), scale, q_rope, rope_key, branched)
+  cuts = [hi for _, hi in bounds[:-1]]
+
+  def queries(a):
+    return jnp.split(a, cuts, axis=-2)
+
+  def prefixes(a):                  # block i sees keys [0, hi_i); the last block all of `a`
+    parts = jnp.split(a, cuts, axis=-2)
+    return [parts[0] if i == 0 else jnp.concatenate(parts[:i + 1], axis=-2)
+            for i in range(len(parts) - 1)] + [a]
+
+  none = [None] * len(bounds)
+  keys = prefixes(key)
+  values = keys if value is key else prefixes(value)     # the absorbed form: one latent, cut once
+  outs, lses = [], []
+  for q_b, k_b, v_b, qr_b, rk_b, (lo, hi) in zip(
+      queries(q), keys, values, none if q_rope is None else queries(q_rope),
+      none if rope_key is None else prefixes(rope_key), bounds):
+    out, lse = _attend(q_b, k_b, v_b, mask(None, hi - lo, hi), scale, qr_b, rk_b, branched)
+    outs.append(out)
+    lses.append(lse)
+  return jnp.concatenate(outs, axis=-2), jnp.concatenate(lses, axis=-1)
+
+
+def _xla(q, key, value, kv_len, scale, q_rope, rope_key, backend, branched=False):
+  if kv_len is None:
+    if backend.training == "dpa":
+      return _dpa(q, key, value, scale, q_rope, rope_key, branched)
+    return _causal(q, key, value, scale, q_rope, rope_key, backend.causal_chunks, branched)
+  return _attend(q, key, value, mask(kv_len, q.shape[-2], key.shape[-2]), scale, q_rope, rope_key, branched)
+
+
+def expanded(q: jax.Array, key: jax.Array, value: jax.Array, *, scale: float, kv_len: jax.Array | None = None,
+             q_rope: jax.Array | None = None, rope_key: jax.Array | None = None, branched: bool = False,
+             backend: Backend = DEFAULT) -> tuple[jax.Array, jax.Array]:
+  """softmax((q . key + q_rope . rope_key) * scale) value, over per-head keys and
+  values: -> (out [B, *H, S, Dv], lse [B, *H, S]).
+
+  `branched`: key and value carry a branch axis before their tokens ([B, *K, R,
+  T, D]); each branch has its own softmax and out is their sum (MLRA's branch
+  sum, summed inside probs . v); lse is then per branch, [B, *H, R, S]."""
+  if q_rope is not None and branched:
+    raise ValueError("a separately scored rope part with branched keys is not supported")
+  if _decoding_with_kernel(kv_len, backend):
+    out = (_unsupported(backend, "no decode kernel sums branches") if branched else
+           _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend))
+    if out is not None:
+      return out
+  return _xla(q, key, value, kv_len, scale, q_rope, rope_key, backend, branched)
+
+
+def absorbed(q_latent: jax.Array, latent: jax.Array, *, scale: float, kv_len: jax.Array | None = None,
+             q_rope: jax.Array | None = None, rope_key: jax.Array | None = None,
+             backend: Backend = DEFAULT) -> tuple[jax.Array, jax.Array]:
+  """softmax((q_latent . latent + q_rope . rope_key) * scale) latent: attention
+  over the latent itself (MQA over a d_latent + d_rope head per latent block),
+  W_UK folded into the query, W_UV left to the caller: -> (context [B, *H, S, C],
+  lse [B, *H, S]). q_rope may lack q_latent's leading head axes (MLRA's branches
+  share it)."""
+  if _decoding_with_kernel(kv_len, backend):
+    out = _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend)
+    if out is not None:
+      return out
+  return _xla(q_latent, latent, latent, kv_len, scale, q_rope, rope_key, backend)
+
+
+def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """Attention over the union of disjoint key sets from each set's (out, lse):
+  out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i."""
+  lses = jnp.stack([lse for _, lse in parts])
+  lse = jax.nn.logsumexp(lses, axis=0)
+  weights = jnp.exp(lses - lse[None])[..., None]
+  out = jnp.sum(weights * jnp.stack([o.astype(jnp.float32) for o, _ in parts]), axis=0)
+  return out.astype(parts[0][0].dtype), lse
+
+
+# ----------------------------------------------------------------------------- jax.nn.dot_product_attention
+
+
+def _dpa(q, key, value, scale, q_rope, rope_key, branched):
+  """Causal training attention through jax.nn.dot_product_attention (cuDNN on
+  GPUs), which takes token-major [B, T, heads, D] with the query heads of a KV
+  head contiguous, and one width for queries, keys and values; branches one
+  call each, summed."""
+  if branched:
+    outs, lses = zip(*(_dpa(q, key[..., r, :, :], value[..., r, :, :], scale, None, None, False)
+                       for r in range(key.shape[-3])))
+    return functools.reduce(jnp.add, outs), jnp.stack(lses, axis=-2)
+  if q_rope is not None:            # K = [key | rope key copied to every KV head]
+    q = jnp.concatenate([q, jnp.broadcast_to(_leading(q_rope, q.ndim), q.shape[:-1] + q_rope.shape[-1:])], -1)
+    shared = rope_key.reshape(rope_key.shape[:1] + (1,) * (key.ndim - 3) + rope_key.shape[1:])
+    key = jnp.concatenate([key, jnp.broadcast_to(shared, key.shape[:-1] + rope_key.shape[-1:])], -1)
+  heads = q.shape[1:-2]
+
+  def flat(a):                      # [B, *heads, T, D] -> [B, T, prod(heads), D]
+    a = token_major(a)
+    return a.reshape(a.shape[:2] + (-1, a.shape[-1]))
+
+  out, lse = jax.nn.dot_product_attention(flat(q), flat(key).astype(q.dtype), flat(value).astype(q.dtype),
+                                          scale=scale, is_causal=True, return_residual=True)
+  out = out.reshape(out.shape[:2] + heads + out.shape[-1:])
+  lse = lse.reshape(lse.shape[:2] + heads)                           # the residual is [B, S, N]
+  return heads_major(out), jnp.moveaxis(lse, 1, -1)
+
+
+# ----------------------------------------------------------------------------- Pallas decode kernels
+
+
+def _decoding_with_kernel(kv_len, backend) -> bool:
+  return backend.decode_kernel != "none" and kv_len is not None
+
+
+def _unsupported(backend: Backend, why: str):
+  if backend.decode_kernel == "pallas":
+    raise ValueError(f"decode_impl='pallas' cannot run here: {why}; use 'auto' (falls back to XLA) or "
+                     "'absorbed'")
+  return None                       # pallas_if_supported: XLA takes it
+
+
+def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
+  """Run `fn(*args)` once per device under the active mesh (shard_map), each
+  argument split by its logical axes (None: not an array, passed through);
+  without a mesh, just call it. For kernels that XLA cannot partition."""
+  current = rules.active()
+  if current is None:
+    return fn(*args)
+  mesh, table = current
+  sizes = rules.axis_sizes(mesh)
+
+  def spec(x, axes):
+    return rules.logical_to_spec(axes, x.shape, mesh_axis_sizes=sizes, rules=table, strict=False)
+
+  present = [i for i, a in enumerate(args) if a is not None]
+  in_specs = tuple(spec(args[i], arg_axes[i]) for i in present)
+
+  def local(*xs):
+    full = list(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return fn(*full)
+
+  out_shapes = jax.eval_shape(fn, *args)
+  out_specs = jax.tree.map(lambda s, axes: spec(s, axes), out_shapes, out_axes,
+                           is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
+  return compat.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
+      *[args[i] for i in present])
+
+
+def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
+  """JAX's Pallas GQA / MQA decode ops, reading the cache as stored (token-major)."""
+  if q.shape[-2] != 1:
+    return _unsupported(backend, "the kernels decode one token per sequence")
+  if q_rope is not None:
+    return _unsupported(backend, "JAX's GQA/MQA decode ops take no separately scored rope key (GTA); "
+                                 "no Pallas decode kernel for it yet")
+  why = jax_decode.plan(key.shape[-2], q.shape[-1])[1]
+  if why:
+    return _unsupported(backend, why)
+  batch, heads = q.shape[0], q.shape[1:-2]
+  flat_q = q.reshape(batch, -1, q.shape[-1])                         # head = kv head * group + g
+  lens = ("batch",)
+  q_axes = ("batch", "q_heads", None)
+  if key.ndim > 3:                  # GQA: [B, *K, T, D] -> the cache's own [B, T, K, D]
+    k, v = (token_major(a).reshape(batch, a.shape[-2], -1, a.shape[-1]) for a in (key, value))
+    cache_axes = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+    op = jax_decode.gqa
+  else:                             # MQA: one key head, [B, T, D]
+    k, v = key, value
+    cache_axes = ("cache_batch", "cache_length", "head_dim")
+    op = jax_decode.mqa
+  out, lse = per_device(lambda q, k, v, n: op(q, k, v, n, scale=scale, interpret=backend.interpret),
+                        (flat_q, k, v, kv_len), (q_axes, cache_axes, cache_axes, lens),
+                        (q_axes, ("batch", "q_heads")))
+  return out.reshape((batch,) + heads + (1, out.shape[-1])), lse.reshape((batch,) + heads + (1,))
+
+
+def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
+  """The split-K latent kernel (mla_jax/kernels/latent_decode.py): each latent
+  block with the query heads that read it, the cache read as stored."""
+  if q_latent.shape[-2] != 1:
+    return _unsupported(backend, "the kernels decode one token per sequence")
+  why = latent_kernel.unsupported(latent.shape[-1], 0 if rope_key is None else rope_key.shape[-1])
+  if why:
+    return _unsupported(backend, why)
+  batch, heads, width = q_latent.shape[0], q_latent.shape[1:-2], q_latent.shape[-1]
+  blocks = math.prod(latent.shape[1:-2])
+  shape = (batch, blocks, -1)
+  cache_dtype = latent.dtype
+  q_lat = q_latent.reshape(shape + (width,)).astype(cache_dtype)
+  q_r = None
+  if q_rope is not None:
+    q_r = jnp.broadcast_to(_leading(q_rope, q_latent.ndim), q_latent.shape[:-1] + q_rope.shape[-1:])
+    q_r = q_r.reshape(shape + q_rope.shape[-1:])
+    q_r = q_r.astype(cache_dtype)
+  lat = token_major(latent).reshape(batch, latent.shape[-2], blocks, width)   # the cache's own layout
+  q_axes = ("batch", "latent_blocks", "q_per_entry", None)
+
+  def run(q_lat, q_r, lat, rope, kv_len):
+    return latent_kernel.latent_decode(q_lat, q_r, lat, rope, kv_len, scale=scale, interpret=backend.interpret)
+
+  context, lse = per_device(
+      run, (q_lat, q_r, lat, rope_key, kv_len),
+      (q_axes, q_axes, ("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
+       ("cache_batch", "cache_length", "rope_dim"), ("batch",)), (q_axes, q_axes[:3]))
+  return (context.reshape((batch,) + heads + (1, width)), lse.reshape((batch,) + heads + (1,)))
