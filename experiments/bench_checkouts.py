@@ -1,0 +1,65 @@
+"""Training speed of two checkouts of this repository, alternated run by run.
+
+    git worktree add /tmp/old <commit>
+    .venv/bin/python -m experiments.bench_checkouts --old=/tmp/old --rounds=3
+
+Each round runs `python -m experiments.run --mode=bench_train` once per variant
+in each checkout (old, then new, then the next variant), so both see the same
+machine noise; it prints every run's tokens/s and, per variant, the medians
+and the new / old ratio of the medians. The config is the runner issue's
+(Llama flavour, 4 layers, d 256, 4 heads of 64, SwiGLU 688, vocab 4096,
+latent 128, rope 32, query latent 128, batch 8 x 256, fp32), the one
+`experiments.bench_torch` uses.
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("old", None, "A checkout of the commit to compare against.")
+flags.DEFINE_string("new", ".", "The checkout under test.")
+flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to time.")
+flags.DEFINE_integer("rounds", 3, "Rounds (each times every variant in both checkouts).")
+flags.DEFINE_integer("steps", 10, "Timed steps per run (after 3 untimed).")
+FLAGS = flags.FLAGS
+
+CONFIG = ["--flavour=llama", "--num_layers=4", "--d_model=256", "--num_heads=4", "--head_dim=64",
+          "--mlp_dim=688", "--vocab_size=4096", "--kv_lora_rank=128", "--rope_head_dim=32", "--q_lora_rank=128",
+          "--batch_size=8", "--seq_len=256", "--bench_warmup=3"]
+
+
+def tokens_per_s(checkout: str, variant: str) -> float:
+  cmd = [sys.executable, "-m", "experiments.run", "--mode=bench_train", f"--variant={variant}",
+         f"--bench_steps={FLAGS.steps}", *CONFIG]
+  out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": checkout})
+  found = re.search(r"([\d,]+) tokens/s", out.stdout)
+  if out.returncode or not found:
+    raise RuntimeError(f"{checkout}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout}")
+  return float(found.group(1).replace(",", ""))
+
+
+def main(argv):
+  del argv
+  if not FLAGS.old:
+    print("error: pass --old=PATH (a checkout of the commit to compare against)", file=sys.stderr)
+    sys.exit(2)
+  runs: dict[tuple[str, str], list[float]] = {}
+  for r in range(FLAGS.rounds):
+    for variant in FLAGS.variants:
+      for side, path in (("old", FLAGS.old), ("new", FLAGS.new)):
+        runs.setdefault((variant, side), []).append(tokens_per_s(os.path.abspath(path), variant))
+      print(f"round {r + 1} {variant:6s} old {runs[(variant, 'old')][-1]:>8,.0f}  new "
+            f"{runs[(variant, 'new')][-1]:>8,.0f} tokens/s", flush=True)
+  print(f"\n{'variant':<8} {'old (median)':>13} {'new (median)':>13} {'new / old':>10}")
+  for variant in FLAGS.variants:
+    old, new = statistics.median(runs[(variant, "old")]), statistics.median(runs[(variant, "new")])
+    print(f"{variant:<8} {old:>13,.0f} {new:>13,.0f} {new / old:>9.3f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
