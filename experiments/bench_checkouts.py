@@ -10,6 +10,13 @@ and the new / old ratio of the medians. The config is the runner issue's
 (Llama flavour, 4 layers, d 256, 4 heads of 64, SwiGLU 688, vocab 4096,
 latent 128, rope 32, query latent 128, batch 8 x 256, fp32), the one
 `experiments.bench_torch` uses.
+
+With --cost it times nothing: per variant it compiles each checkout's step
+(`experiments/checkout_cost.py`) and prints XLA's flops, bytes accessed and
+temporary bytes side by side, numbers machine noise does not move:
+
+    .venv/bin/python -m experiments.bench_checkouts --old=/tmp/old --cost \
+        --variants=mha,gqa,mla,gla2,mlra4,gta,tpa,mfa
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ flags.DEFINE_string("new", ".", "The checkout under test.")
 flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to time.")
 flags.DEFINE_integer("rounds", 3, "Rounds (each times every variant in both checkouts).")
 flags.DEFINE_integer("steps", 10, "Timed steps per run (after 3 untimed).")
+flags.DEFINE_bool("cost", False, "Compare the compiled step's cost analysis instead of timing it.")
 FLAGS = flags.FLAGS
 
 CONFIG = ["--flavour=llama", "--num_layers=4", "--d_model=256", "--num_heads=4", "--head_dim=64",
@@ -43,11 +51,35 @@ def tokens_per_s(checkout: str, variant: str) -> float:
   return float(found.group(1).replace(",", ""))
 
 
+COST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkout_cost.py")
+
+
+def compiled_cost(checkout: str, variant: str) -> dict[str, float]:
+  cmd = [sys.executable, COST_SCRIPT, f"--variant={variant}", *CONFIG]
+  out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": checkout})
+  found = re.search(r"COST flops=(\S+) bytes=(\S+) temp=(\S+)", out.stdout)
+  if out.returncode or not found:
+    raise RuntimeError(f"{checkout}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout}")
+  return dict(zip(("flops", "bytes", "temp"), map(float, found.groups())))
+
+
+def compare_costs():
+  print(f"{'variant':<8} {'flops old':>12} {'new/old':>8} {'bytes old':>12} {'new/old':>8} "
+        f"{'temp old':>12} {'new/old':>8}")
+  for variant in FLAGS.variants:
+    old, new = (compiled_cost(os.path.abspath(p), variant) for p in (FLAGS.old, FLAGS.new))
+    cells = "".join(f" {old[k]:>12.4e} {new[k] / old[k]:>8.4f}" for k in ("flops", "bytes", "temp"))
+    print(f"{variant:<8}{cells}", flush=True)
+
+
 def main(argv):
   del argv
   if not FLAGS.old:
     print("error: pass --old=PATH (a checkout of the commit to compare against)", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.cost:
+    compare_costs()
+    return
   runs: dict[tuple[str, str], list[float]] = {}
   for r in range(FLAGS.rounds):
     for variant in FLAGS.variants:
