@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat, registry
-from mla_jax.attention.base import cache_axes, init_cache
+from mla_jax.attention.base import cache_axes, init_cache, init_pages
 from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, param
 from mla_jax.rules import constrain
@@ -61,8 +61,8 @@ class Block(nnx.Module):
     x = x + y
     return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
 
-  def decode(self, x, cache, lengths):
-    y, cache = self.attn.decode(self.attn_norm(x), cache, lengths)
+  def step(self, x, cache, lengths, pages=None):
+    y, cache = self.attn.step(self.attn_norm(x), cache, lengths, pages)
     x = x + y
     return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache
 
@@ -174,10 +174,26 @@ class Transformer(nnx.Module):
   def decode_step(self, tokens: jax.Array, cache, lengths: jax.Array) -> tuple[jax.Array, Any]:
     """tokens [B] at positions `lengths` [B] -> logits [B, V] and the updated cache
     (through the decode path the options name)."""
-    positions = lengths[:, None].astype(jnp.int32)
-    x = self._embed(tokens[:, None], positions)
-    x, cache = self._run_cached(x, cache, lambda block, x, c: block.decode(x, c, lengths))
-    return self._logits(x)[:, 0], cache
+    logits, cache = self.step(tokens[:, None], cache, lengths)
+    return logits[:, 0], cache
+
+  def step(self, tokens: jax.Array, cache, lengths: jax.Array, pages: jax.Array | None = None):
+    """tokens [B, S] at positions lengths[b] + [0, S), causal among themselves
+    -> logits [B, S, V] and the updated cache: a dense cache, or page pools
+    (`init_pages`) read through the page table `pages` [B, width]."""
+    positions = lengths[:, None].astype(jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self._embed(tokens, positions)
+    x, cache = self._run_cached(x, cache, lambda block, x, c: block.step(x, c, lengths, pages))
+    return self._logits(x), cache
+
+  def init_pages(self, num_pages: int, page_size: int, dtype=None):
+    """Zero page pools [num_pages, page_size, ...] per cache array (dtype: the
+    options' cache_dtype), laid out per layer like `init_cache`."""
+    dtype = self.options.cache_jnp_dtype if dtype is None else dtype
+    one = lambda: init_pages(self.config.attention, num_pages, page_size, dtype)  # noqa: E731
+    if self.config.scan_layers:
+      return {k: jnp.broadcast_to(v, (self.config.num_layers,) + v.shape) for k, v in one().items()}
+    return [one() for _ in range(self.config.num_layers)]
 
 
 def with_options(model: Transformer, **changes) -> Transformer:

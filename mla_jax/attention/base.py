@@ -14,7 +14,8 @@ A variant writes two methods:
 
 Everything else (the training forward, prefill into a fixed-shape cache, the
 decode step with per-sequence lengths, cache allocation and accounting) is
-shared here.
+shared here. `step` writes S new tokens per sequence into a dense cache or a
+paged pool and attends over them: decode is its S = 1 case.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 from mla_jax.attention import core
 from mla_jax.config import AttentionConfig, RunOptions
+from mla_jax.paging import NULL_PAGE
 from mla_jax.rules import constrain
 
 Cache = dict[str, jax.Array]
@@ -33,6 +35,12 @@ def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
   """Logical axes of each cache array: [cache_batch, cache_length, *per-token axes]."""
   return {name: ("cache_batch", "cache_length") + tuple(axes)
           for name, (_, axes) in config.cache_spec().items()}
+
+
+def init_pages(config: AttentionConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> Cache:
+  """A zero page pool [num_pages, page_size, ...] per array (see `Attention.step`)."""
+  return {name: jnp.zeros((num_pages, page_size) + tuple(shape), dtype)
+          for name, (shape, _) in config.cache_spec().items()}
 
 
 def init_cache(config: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
@@ -90,17 +98,37 @@ class Attention(nnx.Module):
     return y, new_cache
 
   def decode(self, x: jax.Array, cache: Cache, lengths: jax.Array) -> tuple[jax.Array, Cache]:
-    """One new token per sequence. x: [batch, 1, d]; lengths[b]: tokens sequence b
-    already has in the cache, i.e. the new token's position and cache slot."""
-    positions = lengths[:, None]
+    """One new token per sequence: `step` with x [batch, 1, d]."""
+    return self.step(x, cache, lengths)
+
+  def step(self, x: jax.Array, cache: Cache, lengths: jax.Array,
+           pages: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """S new tokens per sequence, causal among themselves (decode: S = 1; a
+    prefill chunk or a speculative draft: S > 1). x: [batch, S, d]; lengths[b]:
+    tokens sequence b already has cached, so its new ones take positions
+    lengths[b] + [0, S).
+
+    `cache` holds dense [batch, max_len, ...] arrays, or with `pages` (an int32
+    [batch, width] page table, see mla_jax.paging) pools [num_pages, page_size,
+    ...]: token t of row b lives at pool[pages[b, t // page_size], t %
+    page_size]. Positions past a row's table land in the null page."""
+    positions = lengths[:, None] + jnp.arange(x.shape[1], dtype=lengths.dtype)
     kv = self.cache_entries(x, positions)
     axes = self.cache_axes()
-    rows = jnp.arange(x.shape[0])
-    new_cache = {}
+    new_cache, view = {}, {}
     for name, entries in kv.items():
       buf = cache[name]
-      # A scatter into each sequence's own slot: touches one row, not the cache.
-      new_cache[name] = constrain(
-          buf.at[rows, lengths].set(entries[:, 0].astype(buf.dtype), mode="drop"), axes[name])
-    # slots [0, lengths[b]] hold sequence b's tokens, the new one included
-    return self.attend(x, positions, new_cache, lengths + 1), new_cache
+      entries = entries.astype(buf.dtype)
+      if pages is None:
+        # A scatter into each sequence's own slots: touches S rows, not the cache.
+        buf = buf.at[jnp.arange(x.shape[0])[:, None], positions].set(entries, mode="drop")
+        new_cache[name] = view[name] = constrain(buf, axes[name])
+      else:
+        page_size = buf.shape[1]
+        page = jnp.take_along_axis(pages, positions // page_size, axis=1, mode="fill", fill_value=NULL_PAGE)
+        buf = buf.at[page, positions % page_size].set(entries)
+        new_cache[name] = constrain(buf, (None, None) + axes[name][2:])
+        # The XLA path reads the table's pages into a dense view: the table's width bounds the work.
+        view[name] = constrain(buf[pages].reshape((pages.shape[0], -1) + buf.shape[2:]), axes[name])
+    # slots [0, lengths[b] + S) hold sequence b's tokens, the new ones included
+    return self.attend(x, positions, view, lengths + x.shape[1]), new_cache

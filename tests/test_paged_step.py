@@ -1,0 +1,104 @@
+"""Steps of S >= 1 tokens over paged caches == one full causal forward.
+
+Three sequences of different lengths are fed in chunks of varying width S (a
+prefill in chunks, then single-token and multi-token steps), through page
+tables whose pages come from a shuffled pool. A row with fewer than S tokens
+left is padded with garbage tokens that are written past its length (or into
+the null page) and must never leak, as must a rejected speculative draft
+(written, then rolled back by length); every parameter is random. The reference
+is the model's own training forward over each whole sequence (no cache).
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import random_model, small_config
+from mla_jax.paging import PagePool
+
+LENGTHS = (13, 6, 21)
+
+
+@nnx.jit
+def _forward(model, tokens):
+  return model(tokens)
+
+
+@nnx.jit
+def _step(model, tokens, pools, lengths, pages):
+  return model.step(tokens, pools, lengths, pages)
+
+
+@nnx.jit
+def _dense_step(model, tokens, cache, lengths):
+  return model.step(tokens, cache, lengths)
+
+
+def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=False, seed=0):
+  config = small_config(variant).replace(scan_layers=scan_layers)
+  model = random_model(config, seed, decode_impl=decode_impl)
+  rng = np.random.default_rng(seed)
+  seq = max(LENGTHS)
+  tokens = rng.integers(0, config.vocab_size, (len(LENGTHS), seq)).astype(np.int32)
+  want = np.asarray(_forward(model, jnp.asarray(tokens)))
+  width = -(-seq // page_size) + 1                     # one spare column: it stays the null page
+  pool = PagePool(len(LENGTHS) * (width - 1) + 1, page_size,
+                  order=rng.permutation(np.arange(1, len(LENGTHS) * (width - 1) + 1)).tolist())
+  pools = model.init_pages(pool.num_pages, page_size, jnp.float32)
+  dense = model.init_cache(len(LENGTHS), seq + 8, jnp.float32)
+  lengths = np.zeros(len(LENGTHS), np.int32)
+  widths = [4, 1, 3, 1, 1, 4, 3, 1, 1, 4, 1, 1, 3, 1, 1, 1, 1, 1]     # few distinct widths: few compiles
+  for i, s in enumerate(widths):
+    if i == 5:                                         # a rejected 3-token draft: written, then rolled back
+      for b in range(len(LENGTHS)):
+        pool.reserve(b, int(lengths[b] + 3))
+      draft = jnp.asarray(rng.integers(0, config.vocab_size, (len(LENGTHS), 3)).astype(np.int32))
+      _, pools = _step(model, draft, pools, jnp.asarray(lengths), jnp.asarray(pool.table(range(len(LENGTHS)), width)))
+      _, dense = _dense_step(model, draft, dense, jnp.asarray(lengths))
+      for b in range(len(LENGTHS)):
+        pool.truncate(b, int(lengths[b]))
+    n = np.minimum(s, np.array(LENGTHS) - lengths)     # real tokens per row this step
+    if not n.any():
+      break
+    for b in range(len(LENGTHS)):
+      pool.reserve(b, int(lengths[b] + n[b]))
+    step_tokens = rng.integers(0, config.vocab_size, (len(LENGTHS), s)).astype(np.int32)   # garbage padding
+    for b in range(len(LENGTHS)):
+      step_tokens[b, :n[b]] = tokens[b, lengths[b]:lengths[b] + n[b]]
+    table = pool.table(range(len(LENGTHS)), width)
+    logits, pools = _step(model, jnp.asarray(step_tokens), pools, jnp.asarray(lengths), jnp.asarray(table))
+    dense_logits, dense = _dense_step(model, jnp.asarray(step_tokens), dense, jnp.asarray(lengths))
+    for b in range(len(LENGTHS)):
+      expected = want[b, lengths[b]:lengths[b] + n[b]]
+      np.testing.assert_allclose(np.asarray(logits)[b, :n[b]], expected, rtol=2e-4, atol=2e-4,
+                                 err_msg=f"{variant} page_size={page_size} step width {s} row {b}")
+      np.testing.assert_allclose(np.asarray(dense_logits)[b, :n[b]], expected, rtol=2e-4, atol=2e-4,
+                                 err_msg=f"{variant} dense step width {s} row {b}")
+    lengths = lengths + n.astype(np.int32)
+  assert (lengths == np.array(LENGTHS)).all()
+  assert np.abs(want).max() > 0.1
+
+
+# CI: one variant per family (both latent decode forms), one page size that splits sequences
+CI_CASES = [("gqa", 4, "auto"), ("mla", 4, "absorbed"), ("mlra4", 4, "absorbed"), ("gta", 4, "auto"),
+            ("tpa", 4, "absorbed"), ("mfa", 4, "auto")]
+
+
+@pytest.mark.parametrize("variant, page_size, decode_impl", CI_CASES)
+def test_paged_steps_match_the_forward(variant, page_size, decode_impl):
+  check_paged_steps(variant, page_size, decode_impl)
+
+
+FULL = [(v, p, d) for v in ("mha", "mqa", "gqa", "gta", "mfa") for p in (1, 16, 64) for d in ("auto",)] + \
+       [(v, p, d) for v in ("mla", "gla2", "gla4", "mlra2", "mlra4") for p in (1, 16, 64)
+        for d in ("naive", "absorbed")] + [("tpa", p, d) for p in (1, 16, 64) for d in ("naive", "absorbed")]
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("variant, page_size, decode_impl", [c for c in FULL if c not in CI_CASES])
+def test_paged_steps_match_the_forward_full(variant, page_size, decode_impl):
+  check_paged_steps(variant, page_size, decode_impl)
+
+
+def test_scanned_layers_share_one_page_table():
+  check_paged_steps("mla", 3, "absorbed", scan_layers=True)
