@@ -137,7 +137,7 @@ def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int,
       mesh, ("batch",), (batch,), strict=False))
 
   def step(state, x, cache, lengths):
-    return nnx.merge(graphdef, state).decode(x, cache, lengths)
+    return nnx.merge(graphdef, state).step(x, cache, lengths)
 
   with sharding.use_mesh(mesh):
     compiled = jax.jit(step, donate_argnums=(2,)).lower(params, x, cache, lengths).compile()
