@@ -191,9 +191,12 @@ class Transformer(nnx.Module):
     options' cache_dtype), laid out per layer like `init_cache`."""
     dtype = self.options.cache_jnp_dtype if dtype is None else dtype
     one = lambda: init_pages(self.config.attention, num_pages, page_size, dtype)  # noqa: E731
+    # a pool has no batch axis (any page serves any sequence): split by its per-token axes only
+    pool_axes = self.cache_axes()
     if self.config.scan_layers:
-      return {k: jnp.broadcast_to(v, (self.config.num_layers,) + v.shape) for k, v in one().items()}
-    return [one() for _ in range(self.config.num_layers)]
+      return {k: constrain(jnp.broadcast_to(v, (self.config.num_layers,) + v.shape),
+                           ("layers", None, None) + pool_axes[k][3:]) for k, v in one().items()}
+    return [{k: constrain(v, (None, None) + axes[k][2:]) for k, v in one().items()} for axes in pool_axes]
 
 
 def with_options(model: Transformer, **changes) -> Transformer:

@@ -323,7 +323,7 @@ def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
 def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
   """JAX's Pallas GQA / MQA decode ops, reading the cache as stored (token-major)."""
   if q.shape[-2] != 1:
-    return _unsupported(backend, "the kernels decode one token per sequence")
+    return None                     # several query tokens (a prefill chunk, a draft): XLA, as prefill always was
   if q_rope is not None:
     return _unsupported(backend, "JAX's GQA/MQA decode ops take no separately scored rope key (GTA); "
                                  "no Pallas decode kernel for it yet")
@@ -352,7 +352,7 @@ def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
   """The split-K latent kernel (mla_jax/kernels/latent_decode.py): each latent
   block with the query heads that read it, the cache read as stored."""
   if q_latent.shape[-2] != 1:
-    return _unsupported(backend, "the kernels decode one token per sequence")
+    return None                     # several query tokens (a prefill chunk, a draft): XLA, as prefill always was
   why = latent_kernel.unsupported(latent.shape[-1], 0 if rope_key is None else rope_key.shape[-1])
   if why:
     return _unsupported(backend, why)
