@@ -103,7 +103,7 @@ def all_specs() -> list[FlagSpec]:
   return specs
 
 
-MODES = ("train", "eval", "generate", "bench_train", "bench_decode", "kv_report", "decode_traffic",
+MODES = ("train", "eval", "generate", "serve", "bench_train", "bench_decode", "kv_report", "decode_traffic",
          "convert", "params")
 
 
@@ -234,6 +234,17 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   d("list", "bench_impls", ["naive", "absorbed", "pallas"], "bench_decode: decode paths to time.")
   d("list", "bench_batches", ["1", "8"], "bench_decode: batch sizes.")
   d("list", "bench_contexts", ["256", "1024"], "bench_decode: context lengths (cache slots).")
+  # serve (the decode engine, mla_jax/engine.py)
+  d("string", "requests", "-", "serve: JSON-lines requests, a file or - for standard input.")
+  d("string", "serve_output", "-", "serve: where the JSON-lines results go, a file or - for standard output.")
+  d("integer", "max_seqs", 8, "serve: sequences decoded together (continuous batching).")
+  d("integer", "page_size", 16, "serve: tokens per cache page.")
+  d("integer", "num_pages", 0, "serve: pages in each layer's pool (0: enough for --max_seqs sequences of "
+    "--serve_max_len tokens).")
+  d("integer", "serve_max_len", 0, "serve: the longest sequence, prompt included (0: the model's max_seq_len).")
+  d("integer", "prefill_chunk", 64, "serve: prompt tokens per sequence and step.")
+  d("string", "speculative", "", "serve: speculative decoding, e.g. ngram:4 (prompt-lookup drafts of 4 tokens, "
+    "verified in one step).")
   # convert
   d("string", "torch_checkpoint", None, "convert: the authors' checkpoint (safetensors, a weights-only torch "
     "pickle, or a folder holding one and its config.json); --nolatent_scales imports their *_no_scale models.")

@@ -5,8 +5,12 @@ Modes:
                checkpoints; rerunning the same command resumes.
   eval         validation loss / perplexity, cache size and a sample story from
                the latest checkpoint of --output_dir.
-  generate     continue --prompt with the model in --output_dir (one jit: prefill
-               + lax decode loop).
+  generate     continue --prompt with the model in --output_dir (the decode engine,
+               one request).
+  serve        continuous batching over paged caches: JSON-lines requests from
+               --requests (a file, or - for standard input), one JSON line per
+               finished request to --serve_output, then a summary (requests/s,
+               tokens/s, time to first token, pages at the high-water mark).
   bench_train  median train-step time and tokens/s after warm-up.
   bench_decode decode-step latency and tokens/s per decode path over batch sizes
                and contexts, the cache bytes each step must read beside XLA's
@@ -112,6 +116,43 @@ def run_generate() -> None:
         f"{1e3 * again / out.lengths[0]:.2f} ms/token, {c.options.decode_impl} decode)")
 
 
+def run_serve() -> None:
+  from experiments import serve, trainer
+  from mla_jax.engine import parse_speculative, smallest_pool
+  c = options.build(FLAGS)
+  for name in ("max_seqs", "page_size", "prefill_chunk"):
+    if FLAGS[name].value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
+  parse_speculative(FLAGS.speculative)                         # bad spellings fail before any loading
+  if c.loop.sample_tokens < 1:
+    raise ValueError(f"--max_new_tokens (the default per request) must be >= 1, got {c.loop.sample_tokens}")
+  config = trainer.run_config(c.loop.output_dir)
+  max_len = FLAGS.serve_max_len or config.max_seq_len
+  if config.flavour == "gpt2" and max_len > config.max_seq_len:
+    raise ValueError(f"--serve_max_len={max_len} exceeds the model's position table ({config.max_seq_len}); lower it")
+  if FLAGS.num_pages and FLAGS.num_pages < smallest_pool(max_len, FLAGS.page_size):
+    raise ValueError(f"--num_pages={FLAGS.num_pages} cannot hold one sequence of {max_len} tokens in pages of "
+                     f"{FLAGS.page_size}; use --num_pages >= {smallest_pool(max_len, FLAGS.page_size)} "
+                     "(or lower --serve_max_len)")
+  _, model, tokenizer, meta, (_, _, mesh, rules) = trainer.load_run(
+      c.loop.output_dir, c.loop.mesh, c.loop.rules, options=c.options, tokenizer=c.data.tokenizer)
+  from mla_jax import sharding
+  source = sys.stdin if FLAGS.requests == "-" else open(FLAGS.requests)
+  sink = sys.stdout if FLAGS.serve_output == "-" else open(FLAGS.serve_output, "w")
+  defaults = serve.Defaults(c.loop.sample_tokens, c.sampling, c.train.seed)
+  with source, sharding.use_mesh(mesh, rules):
+    summary = serve.serve(model, tokenizer, requests_in=source, out=sink, defaults=defaults,
+                          max_seqs=FLAGS.max_seqs, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None,
+                          max_len=max_len, prefill_chunk=FLAGS.prefill_chunk, speculative=FLAGS.speculative,
+                          progress=c.loop.progress)
+  if sink is not sys.stdout:
+    sink.close()
+  print(f"served {summary['requests']} requests from step {meta['step']} of {c.loop.output_dir} "
+        f"({config.attention.variant}): " + json.dumps(summary), file=sys.stderr)
+  if summary["refused"]:
+    sys.exit(2)
+
+
 def run_bench_train() -> None:
   from experiments import trainer
   c = options.build(FLAGS)
@@ -212,7 +253,7 @@ def main(argv):
     else:                   # the modes that may span several processes
       start_distributed()
       {"train": run_train, "eval": run_eval, "generate": run_generate, "bench_train": run_bench_train,
-       "bench_decode": run_bench_decode}[FLAGS.mode]()
+       "bench_decode": run_bench_decode, "serve": run_serve}[FLAGS.mode]()
   except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

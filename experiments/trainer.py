@@ -354,6 +354,17 @@ def restore_converted_params(run_dir: str):
   return load_run(run_dir, need_tokenizer=False)[1]
 
 
+def run_config(run_dir: str) -> ModelConfig:
+  """The model config of a run's latest checkpoint, read from its metadata alone."""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  ckpt = T.Checkpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
+  if ckpt is None or ckpt.latest_step() is None:
+    raise RunError(f"no finished checkpoint in {run_dir}: train first (--mode=train --output_dir={run_dir})")
+  meta = ckpt.read_meta()
+  ckpt.close()
+  return registry.config_from_dict(meta["model_config"])
+
+
 def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True,
              options: RunOptions = RunOptions(), tokenizer: str = ""):
   """(config, model, tokenizer, meta, (graphdef, state, mesh, rules)) from the latest
