@@ -70,9 +70,22 @@ def test_scanned_layers_equal_the_loop(variant):
   assert all(x.shape[:3] == (3, 2, 8) for x in cache.values())
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-@pytest.mark.parametrize("scan", [False, True])
+REMAT_CASES = [(p, s) for p in ("full", "dots", "dots_no_batch") for s in (False, True)]
+REMAT_CI = [("full", True), ("dots", False)]        # both layer layouts; every policy behind -m full
+
+
+@pytest.mark.parametrize("policy,scan", REMAT_CI)
 def test_remat_changes_nothing_but_memory(policy, scan):
+  check_remat(policy, scan)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("policy,scan", [c for c in REMAT_CASES if c not in REMAT_CI])
+def test_remat_changes_nothing_but_memory_full(policy, scan):
+  check_remat(policy, scan)
+
+
+def check_remat(policy, scan):
   base = random_model(small_config("mlra2", layers=2))
   if scan:
     base = scanned_copy(base)
@@ -93,8 +106,21 @@ def _dpa_config(variant):
   return small_config(variant, **kw)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+DPA_CI = ["mha", "mla", "mlra4", "gta", "tpa", "mfa"]     # one per attention family; the rest behind -m full
+
+
+@pytest.mark.parametrize("variant", DPA_CI)
 def test_dot_product_attention_matches_einsum(variant):
+  check_dot_product_attention(variant)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in DPA_CI])
+def test_dot_product_attention_matches_einsum_full(variant):
+  check_dot_product_attention(variant)
+
+
+def check_dot_product_attention(variant):
   einsum = random_model(_dpa_config(variant))
   dpa = Transformer(einsum.config, rngs=nnx.Rngs(0), options=RunOptions(attention_impl="dpa"))
   nnx.update(dpa, nnx.state(einsum))
