@@ -47,7 +47,7 @@ def test_serve_answers_every_good_line_and_refuses_the_bad_ones(run_dir, tmp_pat
   (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
   out = tmp_path / "out.jsonl"
   result = run_cmd(serve_cmd(run_dir, f"--requests={tmp_path / 'requests.jsonl'}", f"--serve_output={out}",
-                             "--page_size=4", "--max_seqs=2", "--prefill_chunk=8", "--serve_max_len=48",
+                             "--page_size=16", "--max_seqs=2", "--prefill_chunk=8", "--serve_max_len=48",
                              "--speculative=ngram:3"))
   assert result.returncode == 2, result.stderr          # some lines were refused; the rest were served
   rows = [json.loads(line) for line in out.read_text().splitlines()]
