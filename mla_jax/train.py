@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +63,22 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
       decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.min_lr_ratio)
 
 
+def decays(path: Sequence[str]) -> bool:
+  """Whether weight decay applies to the parameter at `path` (its module and field
+  names): weights and embeddings do; norm weights and biases never, whatever their
+  shape (a latent norm is stored [blocks, width], scanned layers stack every norm:
+  deciding by rank decayed both)."""
+  return path[-1] != "bias" and not any("norm" in name for name in path)
+
+
+def decay_mask(params):
+  def one(key_path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
+    return decays(names[:-1] if names[-1] == "value" else names)     # an nnx Variable's own field
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  # Decay matrices only: norm scales and biases keep their values.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
   parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
   parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
                            weight_decay=tc.weight_decay, mask=decay_mask))

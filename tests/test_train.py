@@ -17,7 +17,7 @@ from flax import nnx
 
 from helpers import small_config
 from runner_helpers import final_params, run_cmd, story_file, train_cmd, train_losses  # noqa: F401
-from mla_jax import sharding
+from mla_jax import Transformer, sharding
 from mla_jax import train as T
 
 
@@ -72,6 +72,27 @@ def test_schedule_and_decay_mask():
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   new = optax.apply_updates(params, updates)
   assert np.all(np.asarray(new["w"]) < 1.0) and np.all(np.asarray(new["norm"]) == 1.0)
+
+
+def _decayed(config):
+  _, params = T.split_model(Transformer(config, rngs=nnx.Rngs(0)))
+  flags = T.decay_mask(params)
+  return {"/".join(str(k) for k in path) for path, var in nnx.to_flat_state(flags)
+          if (var.get_value() if hasattr(var, "get_value") else var)}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_reaches_weights_never_norms_or_biases(scan):
+  """Listed by hand: the latent norms are stored [blocks, width] and scanned layers
+  stack every norm, so a rule by rank would decay them (it did, before issue 22)."""
+  gpt2 = small_config("mlra4", flavour="gpt2").replace(scan_layers=scan)
+  layer = ["attn/w_dkv", "attn/w_kr", "attn/w_uk", "attn/w_uv", "attn/wo", "attn/wq_a", "attn/wq_b",
+           "mlp/w_fc", "mlp/w_proj"]
+  prefixes = ["layers"] if scan else ["layers/0", "layers/1"]
+  assert _decayed(gpt2) == {"embed", "pos_embed"} | {f"{p}/{w}" for p in prefixes for w in layer}
+  llama = small_config("gqa").replace(scan_layers=scan)
+  layer = ["attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_gate", "mlp/w_up", "mlp/w_down"]
+  assert _decayed(llama) == {"embed"} | {f"{p}/{w}" for p in prefixes for w in layer}
 
 
 def test_bad_train_configs():
