@@ -195,6 +195,11 @@ def _bucket(n: int, cap: int, buckets: Sequence[int] | None) -> int:
 # ----------------------------------------------------------------------------- the engine
 
 
+def smallest_pool(max_len: int, page_size: int) -> int:
+  """Pages (the reserved one included) that hold one sequence of max_len tokens."""
+  return math.ceil(max_len / page_size) + 1
+
+
 class Engine:
   """Continuous batching of `Request`s over the model's paged caches.
 
@@ -223,9 +228,10 @@ class Engine:
     self.max_pages = -(-self.max_len // page_size)              # pages of one sequence at most
     if num_pages is None:
       num_pages = max_seqs * self.max_pages + 1
-    if num_pages < self.max_pages + 1:
+    if num_pages < smallest_pool(self.max_len, page_size):
       raise ValueError(f"a pool of {num_pages} pages of {page_size} tokens cannot hold one sequence of "
-                       f"{self.max_len} tokens (max_len); use num_pages >= {self.max_pages + 1} (page 0 is reserved)")
+                       f"{self.max_len} tokens (max_len); use num_pages >= {smallest_pool(self.max_len, page_size)} "
+                       "(page 0 is reserved)")
     self.model, self.config = model, config
     self.max_seqs, self.page_size, self.prefill_chunk = max_seqs, page_size, prefill_chunk
     self.drafter, self.keep_logits, self.prefix_sharing = drafter, keep_logits, prefix_sharing
@@ -432,8 +438,3 @@ class Engine:
   def cache_bytes_per_page(self) -> int:
     """Bytes one page holds across every layer and cache array."""
     return sum(x.nbytes for x in jax.tree.leaves(self.pools)) // self.pool.num_pages
-
-
-def smallest_pool(max_len: int, page_size: int) -> int:
-  """Pages (the reserved one included) that hold one sequence of max_len tokens."""
-  return math.ceil(max_len / page_size) + 1
