@@ -122,6 +122,9 @@ def serve(model, tokenizer, *, requests_in, out, defaults: Defaults, max_seqs: i
       number, line = item
       try:
         request = parse_request(line, number, tokenizer, defaults)
+        if request.id in numbers:     # results are keyed by id: two in flight could not be told apart
+          raise RequestError(f"id {request.id!r} belongs to a request still being served; give each request "
+                             "its own id")
         engine.submit(request)
         numbers[request.id] = number
       except RequestError as e:

@@ -97,6 +97,26 @@ class _Tok:
   def encode(self, text):
     return [ord(c) % 50 + 1 for c in text]
 
+  def decode(self, ids):
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_a_duplicate_id_in_flight_is_refused_and_the_rest_served():
+  import io
+  from experiments.serve import serve
+  from helpers import random_model, small_config
+  lines = ['{"prompt": "abc", "id": "x", "max_new_tokens": 20}', '{"prompt": "de", "id": "x"}',
+           '{"prompt": "fgh", "max_new_tokens": 2}']
+  out = io.StringIO()
+  summary = serve(random_model(small_config("gqa")), _Tok(), requests_in=iter(line + "\n" for line in lines),
+                  out=out, defaults=Defaults(4, Sampling(), 0), max_seqs=4, page_size=16, num_pages=None,
+                  max_len=None, prefill_chunk=8, speculative="", progress=False, log=io.StringIO())
+  rows = [json.loads(r) for r in out.getvalue().splitlines()]
+  assert {r.get("id") for r in rows if "error" not in r} == {"x", 3}
+  assert [r["error"] for r in rows if "error" in r] == [
+      "id 'x' belongs to a request still being served; give each request its own id"]
+  assert summary["requests"] == 2 and summary["refused"] == 1
+
 
 @pytest.mark.parametrize("line, msg", [
     ('["a"]', "a request is a JSON object"),
