@@ -54,7 +54,9 @@ def test_absorbed_is_attention_over_the_latent_with_a_shared_rope_key():
   q_lat, latent = _rand(rng, 2, 2, 1, 4, 1, 6), _rand(rng, 2, 2, 1, 9, 6)
   q_rope, rope_key = _rand(rng, 2, 1, 4, 1, 4), _rand(rng, 2, 9, 4)
   kv_len = np.array([9, 3])
-  out, lse = core.absorbed(*map(jnp.asarray, (q_lat, latent)), scale=0.5, kv_len=jnp.asarray(kv_len),
+  # the latent as the cache stores it: token-major [B, T, blocks, C]
+  out, lse = core.absorbed(jnp.asarray(q_lat), jnp.asarray(latent.transpose(0, 3, 1, 2, 4).reshape(2, 9, 2, 6)),
+                           scale=0.5, kv_len=jnp.asarray(kv_len),
                            q_rope=jnp.asarray(q_rope), rope_key=jnp.asarray(rope_key))
   for b in range(2):
     visible = np.arange(9)[None] < kv_len[b]
@@ -94,7 +96,7 @@ def test_kernels_return_the_xla_paths_outputs_and_log_sum_exps(form):
   kv_len = jnp.array([32, 17, 1])
   pallas = core.Backend(decode_kernel="pallas", interpret=True)
   if form == "latent":       # 2 blocks x 2 heads, widths the Triton kernel takes
-    args = (jnp.asarray(_rand(rng, 3, 2, 2, 1, 32)), jnp.asarray(_rand(rng, 3, 2, 32, 32)))
+    args = (jnp.asarray(_rand(rng, 3, 2, 2, 1, 32)), jnp.asarray(_rand(rng, 3, 32, 2, 32)))
     kw = dict(q_rope=jnp.asarray(_rand(rng, 3, 1, 2, 1, 16)), rope_key=jnp.asarray(_rand(rng, 3, 32, 16)))
     fn = core.absorbed
   else:

@@ -34,8 +34,14 @@ def _dense_step(model, tokens, cache, lengths):
   return model.step(tokens, cache, lengths)
 
 
+def kernel_config(variant):
+  """Widths the Triton latent kernel takes (powers of 2 >= 16)."""
+  return small_config(variant, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16)
+
+
 def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=False, seed=0):
-  config = small_config(variant).replace(scan_layers=scan_layers)
+  config = (kernel_config(variant) if decode_impl == "pallas" else small_config(variant)).replace(
+      scan_layers=scan_layers)
   model = random_model(config, seed, decode_impl=decode_impl)
   rng = np.random.default_rng(seed)
   seq = max(LENGTHS)
@@ -81,7 +87,8 @@ def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=Fal
 
 # CI: the latent family's absorbed form and TPA's factored decode (tests/test_engine.py runs one
 # variant per family end to end); the rest behind -m full
-CI_CASES = [("mlra4", 4, "absorbed"), ("tpa", 4, "absorbed")]
+# and the latent kernel reading the page pools in place (interpret mode here)
+CI_CASES = [("mlra4", 4, "absorbed"), ("tpa", 4, "absorbed"), ("gla2", 16, "pallas")]
 
 
 @pytest.mark.parametrize("variant, page_size, decode_impl", CI_CASES)
@@ -91,7 +98,8 @@ def test_paged_steps_match_the_forward(variant, page_size, decode_impl):
 
 FULL = [(v, p, d) for v in ("mha", "mqa", "gqa", "gta", "mfa") for p in (1, 16, 64) for d in ("auto",)] + \
        [(v, p, d) for v in ("mla", "gla2", "gla4", "mlra2", "mlra4") for p in (1, 16, 64)
-        for d in ("naive", "absorbed")] + [("tpa", p, d) for p in (1, 16, 64) for d in ("naive", "absorbed")]
+        for d in ("naive", "absorbed")] + \
+       [(v, p, "pallas") for v in ("mla", "gla2", "gla4", "mlra2", "mlra4") for p in (16, 32)] + [("tpa", p, d) for p in (1, 16, 64) for d in ("naive", "absorbed")]
 
 
 @pytest.mark.full

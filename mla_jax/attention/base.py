@@ -73,6 +73,11 @@ class Attention(nnx.Module):
   def attend(self, x: jax.Array, positions: jax.Array, kv: Cache, kv_len: jax.Array | None) -> jax.Array:
     raise NotImplementedError
 
+  def reads_pages(self) -> bool:
+    """Whether `attend` takes a paged cache as `core.Paged` pools (a kernel reads
+    them in place) rather than gathered into a dense view."""
+    return False
+
   # ------------------------------------------------------------- shared
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Training forward: causal attention over the sequence."""
@@ -128,7 +133,9 @@ class Attention(nnx.Module):
         page = jnp.take_along_axis(pages, positions // page_size, axis=1, mode="fill", fill_value=NULL_PAGE)
         buf = buf.at[page, positions % page_size].set(entries)
         new_cache[name] = constrain(buf, (None, None) + axes[name][2:])
-        # The XLA path reads the table's pages into a dense view: the table's width bounds the work.
-        view[name] = constrain(buf[pages].reshape((pages.shape[0], -1) + buf.shape[2:]), axes[name])
+        if self.reads_pages():        # a kernel reads the pools through the table
+          view[name] = core.Paged(new_cache[name], pages)
+        else:                         # XLA reads the table's pages gathered: the table's width bounds the work
+          view[name] = constrain(core.Paged(buf, pages).dense(), axes[name])
     # slots [0, lengths[b] + S) hold sequence b's tokens, the new ones included
     return self.attend(x, positions, view, lengths + x.shape[1]), new_cache

@@ -84,6 +84,20 @@ def backend(options: RunOptions, config: AttentionConfig) -> Backend:
 DEFAULT = Backend()
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Paged:
+  """A paged cache array as a kernel reads it: pool [num_pages, page_size, ...]
+  and page table [B, width]; token t of row b is pool[table[b, t // page_size],
+  t % page_size] (mla_jax.paging)."""
+  pool: jax.Array
+  table: jax.Array
+
+  def dense(self) -> jax.Array:
+    """[B, width x page_size, ...]: the table's pages gathered (what XLA paths read)."""
+    return self.pool[self.table].reshape((self.table.shape[0], -1) + self.pool.shape[2:])
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
@@ -223,18 +237,24 @@ def expanded(q: jax.Array, key: jax.Array, value: jax.Array, *, scale: float, kv
   return _xla(q, key, value, kv_len, scale, q_rope, rope_key, backend, branched)
 
 
-def absorbed(q_latent: jax.Array, latent: jax.Array, *, scale: float, kv_len: jax.Array | None = None,
-             q_rope: jax.Array | None = None, rope_key: jax.Array | None = None,
+def absorbed(q_latent: jax.Array, latent: "jax.Array | Paged", *, scale: float, kv_len: jax.Array | None = None,
+             q_rope: jax.Array | None = None, rope_key: "jax.Array | Paged | None" = None,
              backend: Backend = DEFAULT) -> tuple[jax.Array, jax.Array]:
   """softmax((q_latent . latent + q_rope . rope_key) * scale) latent: attention
   over the latent itself (MQA over a d_latent + d_rope head per latent block),
   W_UK folded into the query, W_UV left to the caller: -> (context [B, *H, S, C],
   lse [B, *H, S]). q_rope may lack q_latent's leading head axes (MLRA's branches
-  share it)."""
+  share it).
+
+  The latent comes as the cache stores it, token-major [B, T, *K, C] with its
+  block axes K = H[:-1] (or flattened into one), or as `Paged` pools; the rope
+  key [B, T, E] or `Paged`. The kernel reads either as stored."""
   if _decoding_with_kernel(kv_len, backend):
     out = _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend)
     if out is not None:
       return out
+  latent, rope_key = (a.dense() if isinstance(a, Paged) else a for a in (latent, rope_key))
+  latent = heads_major(latent.reshape(latent.shape[:2] + q_latent.shape[1:-3] + latent.shape[-1:]))
   return _xla(q_latent, latent, latent, kv_len, scale, q_rope, rope_key, backend)
 
 
@@ -349,31 +369,53 @@ def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
 
 
 def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
-  """The split-K latent kernel (mla_jax/kernels/latent_decode.py): each latent
-  block with the query heads that read it, the cache read as stored."""
-  if q_latent.shape[-2] != 1:
-    return None                     # several query tokens (a prefill chunk, a draft): XLA, as prefill always was
-  why = latent_kernel.unsupported(latent.shape[-1], 0 if rope_key is None else rope_key.shape[-1])
+  """The latent kernel (mla_jax/kernels/latent_decode.py): per sequence, every
+  latent block with all the query rows (new tokens x heads) that read it, the
+  cache (dense or paged) read as stored."""
+  paged = isinstance(latent, Paged)
+  pool = latent.pool if paged else latent
+  why = latent_kernel.unsupported(pool.shape[-1], 0 if rope_key is None else _width(rope_key),
+                                  pool.shape[1] if paged else None)
   if why:
     return _unsupported(backend, why)
-  batch, heads, width = q_latent.shape[0], q_latent.shape[1:-2], q_latent.shape[-1]
-  blocks = math.prod(latent.shape[1:-2])
-  shape = (batch, blocks, -1)
-  cache_dtype = latent.dtype
-  q_lat = q_latent.reshape(shape + (width,)).astype(cache_dtype)
-  q_r = None
-  if q_rope is not None:
-    q_r = jnp.broadcast_to(_leading(q_rope, q_latent.ndim), q_latent.shape[:-1] + q_rope.shape[-1:])
-    q_r = q_r.reshape(shape + q_rope.shape[-1:])
-    q_r = q_r.astype(cache_dtype)
-  lat = token_major(latent).reshape(batch, latent.shape[-2], blocks, width)   # the cache's own layout
-  q_axes = ("batch", "latent_blocks", "q_per_entry", None)
+  batch, heads, (queries, width) = q_latent.shape[0], q_latent.shape[1:-2], q_latent.shape[-2:]
+  blocks, per_block = math.prod(heads[:-1]), heads[-1]
 
-  def run(q_lat, q_r, lat, rope, kv_len):
-    return latent_kernel.latent_decode(q_lat, q_r, lat, rope, kv_len, scale=scale, interpret=backend.interpret)
+  def rows(q, nb):                  # [B, *H, S, D] -> [B, nb, S x J, D], query-major rows
+    q = q.reshape((batch, nb, per_block, queries, q.shape[-1]))
+    return jnp.swapaxes(q, 2, 3).reshape((batch, nb, queries * per_block, q.shape[-1]))
+
+  q_lat = rows(q_latent, blocks)
+  q_r, rope_axis = None, None
+  if q_rope is not None:
+    rope_blocks = math.prod(q_rope.shape[1:-3])
+    if rope_blocks not in (1, blocks):      # MLRA-2: one rope query per group; each device needs its blocks'
+      q_rope = jnp.broadcast_to(_leading(q_rope, q_latent.ndim), q_latent.shape[:-1] + q_rope.shape[-1:])
+      rope_blocks = blocks
+    q_r = rows(q_rope, rope_blocks)
+    rope_axis = "latent_blocks" if rope_blocks == blocks > 1 else None
+  lat = pool.reshape(pool.shape[:2] + (blocks, width))
+  q_axes = ("batch", "latent_blocks", None, None)
+  if paged:
+    cache_axes = ((None, None, "latent_blocks", "latent_dim"), (None, None, "rope_dim"), ("batch", None))
+    rope, table = (None if rope_key is None else rope_key.pool), latent.table
+  else:
+    cache_axes = (("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
+                  ("cache_batch", "cache_length", "rope_dim"), None)
+    rope, table = rope_key, None
+
+  def run(q_lat, q_r, lat, rope, kv_len, table):
+    return latent_kernel.latent_attention(q_lat, q_r, lat, rope, kv_len, table, scale=scale, queries=queries,
+                                          interpret=backend.interpret)
 
   context, lse = per_device(
-      run, (q_lat, q_r, lat, rope_key, kv_len),
-      (q_axes, q_axes, ("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
-       ("cache_batch", "cache_length", "rope_dim"), ("batch",)), (q_axes, q_axes[:3]))
-  return (context.reshape((batch,) + heads + (1, width)), lse.reshape((batch,) + heads + (1,)))
+      run, (q_lat, q_r, lat, rope, kv_len, table),
+      (q_axes, ("batch", rope_axis, None, None)) + cache_axes[:2] + (("batch",), cache_axes[2]),
+      (q_axes, q_axes[:3]))
+  context = jnp.swapaxes(context.reshape((batch, blocks, queries, per_block, width)), 2, 3)
+  lse = jnp.swapaxes(lse.reshape((batch, blocks, queries, per_block)), 2, 3)
+  return context.reshape((batch,) + heads + (queries, width)), lse.reshape((batch,) + heads + (queries,))
+
+
+def _width(rope_key) -> int:
+  return (rope_key.pool if isinstance(rope_key, Paged) else rope_key).shape[-1]

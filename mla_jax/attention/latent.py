@@ -191,6 +191,10 @@ class LatentAttention(Attention):
     """[B_blocks, ...] -> [R, G, ...]: block b = branch r * G + group g."""
     return w.reshape((self.config.branches, self.config.groups) + w.shape[1:])
 
+  def reads_pages(self) -> bool:
+    """Decoding through the latent kernel, which reads page pools in place."""
+    return self.backend.decode_kernel != "none" and self.backend.decode_form == "absorbed"
+
   def _form(self, kv_len) -> str:
     if kv_len is not None:                        # over a cache: the form the run options name
       return self.backend.decode_form
@@ -201,16 +205,17 @@ class LatentAttention(Attention):
   def attend(self, x, positions, kv, kv_len):
     cfg = self.config
     q_nope, q_pe = self._queries(x, positions)                          # [B, S, G, J, *]
-    cache = kv["kv_latent"].reshape(kv["kv_latent"].shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
     rope_key = kv.get("rope_key")                                       # [B, T, d_r], shared by all heads
     w_uk, w_uv = self._blocks(self.w_uk[...]), self._blocks(self.w_uv[...])   # [R, G, d_b, J, *]
     if self._form(kv_len) == "absorbed":
       q_latent = dense(q_nope, w_uk, "bsgjn,rgcjn->brgjsc", self.dtype)
-      z, _ = core.absorbed(q_latent, core.heads_major(cache), scale=self.softmax_scale, kv_len=kv_len,
+      # the cache as stored, [B, T, R x G, d_b] (or its pages): the core reads blocks off q_latent's axes
+      z, _ = core.absorbed(q_latent, kv["kv_latent"], scale=self.softmax_scale, kv_len=kv_len,
                            q_rope=core.heads_major(q_pe) if cfg.qk_rope_head_dim else None, rope_key=rope_key,
                            backend=self.backend)                        # [B, R, G, J, S, d_b]
       y = dense(z, w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)             # sums the branches
     else:
+      cache = kv["kv_latent"].reshape(kv["kv_latent"].shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
       q = core.heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
       # per-head keys and values, the branches as the core's branch axis: [B, G, J, R, T, *]
       key = dense(cache, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)
