@@ -200,7 +200,7 @@ def run_kv_report(tps, compiled: bool) -> None:
   report = cache_report.rows(configs, tps=tps, batch=FLAGS.batch, context=FLAGS.context,
                              options=options.run_options(FLAGS), compiled=compiled)
   title = (f"{FLAGS.family}: d_model {first.d_model}, {first.num_layers} layers, "
-           f"{first.attention.num_heads} heads; {FLAGS.cache_dtype} cache")
+           f"{first.attention.num_heads} heads; {options.run_options(FLAGS).cache_jnp_dtype.__name__} cache")
   if compiled:
     cache_report.write_traffic(report, FLAGS.output_dir, name=f"decode_traffic_{FLAGS.family}",
                                batch=FLAGS.batch, context=FLAGS.context, decode_impl=FLAGS.decode_impl,

@@ -160,7 +160,8 @@ class RunOptions:
   decode_impl: str = option("auto", "Decode path: naive (re-expand K/V), absorbed (XLA, latent-only), pallas "
                             "(the GPU kernels; interpret mode elsewhere), auto (pallas on GPUs where shapes "
                             "allow, absorbed elsewhere).", choices=("naive", "absorbed", "pallas", "auto"))
-  cache_dtype: str = option("float32", "KV-cache dtype.", choices=("float32", "bfloat16"))
+  cache_dtype: str = option("auto", "KV-cache dtype (auto: bfloat16 on GPUs, where the decode kernels read it "
+                            "at half the bytes; float32 elsewhere).", choices=("auto", "float32", "bfloat16"))
 
   def __post_init__(self):
     for name in ("dtype", "remat", "attention_impl", "decode_impl", "cache_dtype"):
@@ -176,6 +177,9 @@ class RunOptions:
 
   @property
   def cache_jnp_dtype(self):
+    if self.cache_dtype == "auto":
+      from mla_jax import compat
+      return DTYPES["bfloat16" if compat.on_gpu() else "float32"]
     return DTYPES[self.cache_dtype]
 
   def replace(self, **changes) -> "RunOptions":
