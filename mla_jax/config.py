@@ -177,9 +177,9 @@ class RunOptions:
 
   @property
   def cache_jnp_dtype(self):
-    if self.cache_dtype == "auto":
-      from mla_jax import compat
-      return DTYPES["bfloat16" if compat.on_gpu() else "float32"]
+    if self.cache_dtype == "auto":    # the config imports nothing of ours: ask jax for the backend itself
+      import jax
+      return DTYPES["bfloat16" if jax.default_backend() == "gpu" else "float32"]
     return DTYPES[self.cache_dtype]
 
   def replace(self, **changes) -> "RunOptions":
