@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mla_jax.config import option
+from mla_jax.config import check, option
 from mla_jax.rules import RULE_PRESETS
 
 
@@ -48,3 +48,15 @@ class LoopSpec:
   prompt: str = option("Once upon a time", "Prompt for generate and for the samples.")
   sample_tokens: int = option(120, "Tokens to generate.", flag="max_new_tokens")
   progress: bool = option(True, "Show a progress bar.")
+
+  def __post_init__(self):
+    # checked as the flags are read, before any data is built or anything compiles
+    for name, flag in (("log_every", "log_every"), ("eval_every", "eval_every"), ("ckpt_every", "ckpt_every"),
+                       ("eval_batches", "eval_batches"), ("eval_batch_size", "eval_batch_size"),
+                       ("sample_tokens", "max_new_tokens")):
+      value = getattr(self, name)
+      check(value >= 1, f"--{flag} must be >= 1, got {value}")
+    check(self.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (the newest checkpoint is always kept; "
+                                      f"it deletes only older ones), got {self.keep_checkpoints}")
+    check(not os.path.isfile(os.path.expanduser(self.output_dir)),
+          f"--output_dir={self.output_dir} is a file, not a directory: name a directory for the run")

@@ -45,6 +45,8 @@ class TrainConfig:
               (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
               (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
               (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+              (0 <= self.b1 < 1, f"beta1 must be in [0, 1), got {self.b1}"),
+              (0 <= self.b2 < 1, f"beta2 must be in [0, 1), got {self.b2}"),
               (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
               (self.batch_size % self.grad_accum == 0,
                f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")]
@@ -229,6 +231,8 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    if keep < 1:            # orbax's max_to_keep=0 deletes every checkpoint, the newest included
+      raise ValueError(f"keep_checkpoints must be >= 1 (the newest checkpoint is always kept), got {keep}")
     import orbax.checkpoint as ocp
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
