@@ -174,3 +174,23 @@ def test_fixed_batches_are_fixed(corpus, spm):
   assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
   with pytest.raises(ValueError, match="too small for one batch"):
     pipeline.fixed_batches(corpus["validation"], spm, seq_len=100000, batch_size=4, num_batches=1)
+
+
+def test_a_tokenizer_folder_is_read_through_its_file(spm, tmp_path):
+  """--tokenizer=<a model's folder>: its tokenizer.json, or its one .model; a
+  folder with neither (or two .model files) is one ValueError, not a C++ abort."""
+  import shutil
+  folder = tmp_path / "one_model"
+  folder.mkdir()
+  shutil.copy(spm.path, folder / "sp.model")
+  loaded = tok.load(str(folder))
+  assert loaded.path == str(folder / "sp.model") and loaded.encode("a cat") == spm.encode("a cat")
+  shutil.copy(spm.path, folder / "other.model")
+  with pytest.raises(ValueError, match=r"holds no tokenizer.json and 2 .model files \(other.model, sp.model\)"):
+    tok.load(str(folder))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="holds no tokenizer.json and no .model files"):
+    tok.load(str(tmp_path / "empty"))
+  (tmp_path / "json_not_tokenizer.json").write_text('{"hello": "world"}')
+  with pytest.raises(ValueError, match="is JSON but not a Hugging Face tokenizer"):
+    tok.load(str(tmp_path / "json_not_tokenizer.json"))

@@ -73,6 +73,15 @@ def load(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise ValueError(f"tokenizer file {path!r} does not exist; pass a SentencePiece .model or a "
                      "Hugging Face tokenizer.json, or leave --tokenizer empty to train one")
+  if os.path.isdir(path):         # a model's folder: its tokenizer.json, or its one .model
+    models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+      return load(os.path.join(path, "tokenizer.json"))
+    if len(models) == 1:
+      return load(os.path.join(path, models[0]))
+    raise ValueError(f"tokenizer folder {path!r} holds no tokenizer.json and "
+                     f"{'no' if not models else len(models)} .model files ({', '.join(models) or 'none'}); "
+                     "pass the tokenizer file itself")
   if path.endswith(".json"):
     try:
       with open(path) as f:
@@ -80,7 +89,13 @@ def load(path: str) -> Tokenizer:
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"tokenizer file {path!r} is not valid JSON ({e}); pass a Hugging Face "
                        "tokenizer.json or a SentencePiece .model") from None
-    return HuggingFaceTokenizer(path)
+    try:
+      return HuggingFaceTokenizer(path)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a bad file
+      raise ValueError(f"tokenizer file {path!r} is JSON but not a Hugging Face tokenizer "
+                       f"({str(e).splitlines()[0][:120]}); pass a tokenizer.json or a SentencePiece .model") from None
   try:
     return SentencePieceTokenizer(path)
   except (RuntimeError, OSError) as e:
