@@ -119,10 +119,9 @@ class Metrics:
     if not self.active:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      kept = [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     self._file = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
@@ -148,12 +147,28 @@ class Metrics:
       self._tb.close()
 
 
+def _records(path: str) -> list[dict]:
+  """The JSON lines of a metrics file. A torn last line (power loss, a full disk
+  mid-write) is dropped with a warning; a bad line before it is an error that
+  names the file and the line."""
+  with open(path) as f:
+    lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+  records = []
+  for k, (number, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if k == len(lines) - 1:
+        log(f"warning: dropped a torn last line ({number}) of {path}: {line.strip()[:60]!r}")
+        break
+      raise RunError(f"{path} line {number} is not JSON ({line.strip()[:60]!r}); repair or delete that line "
+                     "(the checkpoints hold the run, this file only its log)") from None
+  return records
+
+
 def read_metrics(run_dir: str) -> list[dict]:
   path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _records(path) if os.path.exists(path) else []
 
 
 def loss_curve_png(run_dir: str, title: str = "") -> str:
@@ -243,10 +258,7 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
 def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: LoopSpec,
           options: RunOptions = RunOptions()) -> dict:
   """Train (resuming when the run directory has checkpoints). Returns a summary."""
-  os.makedirs(loop.output_dir, exist_ok=True)
-  ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
-                       async_save=loop.async_checkpoints)
-  resume = check_run_dir(ckpt, config)               # before any data build or compile
+  # Checks that need nothing on disk come first: a refused command leaves no run folder behind.
   rules = sharding.rules_preset(loop.rules)
   mesh = sharding.make_mesh(loop.mesh, config, rules=rules)
   processes, rank = jax.process_count(), jax.process_index()
@@ -258,6 +270,12 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
                    f"{data_ways} data x fsdp devices")
   if config.flavour == "gpt2" and tc.seq_len > config.max_seq_len:
     raise RunError(f"--seq_len={tc.seq_len} exceeds max_seq_len={config.max_seq_len}")
+  if data_spec.tokenizer:
+    tok.load(data_spec.tokenizer)                    # a bad --tokenizer is refused before any data is built
+  os.makedirs(loop.output_dir, exist_ok=True)
+  ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
+                       async_save=loop.async_checkpoints)
+  resume = check_run_dir(ckpt, config)               # before any data build or compile
   data = prepare_data(data_spec)
   if data.tokenizer.vocab_size > config.vocab_size:
     raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
