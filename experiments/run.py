@@ -232,8 +232,9 @@ def _parse_tps() -> list[int]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  if len(argv) > 1:         # one line, not absl's usage dump (a junk line in a flagfile lands here too)
+    print(f"error: unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value", file=sys.stderr)
+    sys.exit(2)
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
   from mla_jax.host_memory import reuse_freed_memory
