@@ -238,7 +238,8 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   d("string", "requests", "-", "serve: JSON-lines requests, a file or - for standard input.")
   d("string", "serve_output", "-", "serve: where the JSON-lines results go, a file or - for standard output.")
   d("integer", "max_seqs", 8, "serve: sequences decoded together (continuous batching).")
-  d("integer", "page_size", 16, "serve: tokens per cache page.")
+  d("integer", "page_size", 0, "serve: tokens per cache page (0: 64 on a GPU, where the latent kernel reads a "
+                              "page in tiles of up to 64 tokens; 16 elsewhere).")
   d("integer", "num_pages", 0, "serve: pages in each layer's pool (0: enough for --max_seqs sequences of "
     "--serve_max_len tokens).")
   d("integer", "serve_max_len", 0, "serve: the longest sequence, prompt included (0: the model's max_seq_len).")

@@ -118,11 +118,14 @@ def run_generate() -> None:
 
 def run_serve() -> None:
   from experiments import serve, trainer
-  from mla_jax.engine import parse_speculative, smallest_pool
+  from mla_jax.engine import default_page_size, parse_speculative, smallest_pool
   c = options.build(FLAGS)
-  for name in ("max_seqs", "page_size", "prefill_chunk"):
+  for name in ("max_seqs", "prefill_chunk"):
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
+  if FLAGS.page_size < 0:
+    raise ValueError(f"--page_size must be >= 1 (or 0: {default_page_size()} on this machine), got {FLAGS.page_size}")
+  page_size = FLAGS.page_size or default_page_size()
   parse_speculative(FLAGS.speculative)                         # bad spellings fail before any loading
   if c.loop.sample_tokens < 1:
     raise ValueError(f"--max_new_tokens (the default per request) must be >= 1, got {c.loop.sample_tokens}")
@@ -130,9 +133,9 @@ def run_serve() -> None:
   max_len = FLAGS.serve_max_len or config.max_seq_len
   if config.flavour == "gpt2" and max_len > config.max_seq_len:
     raise ValueError(f"--serve_max_len={max_len} exceeds the model's position table ({config.max_seq_len}); lower it")
-  if FLAGS.num_pages and FLAGS.num_pages < smallest_pool(max_len, FLAGS.page_size):
+  if FLAGS.num_pages and FLAGS.num_pages < smallest_pool(max_len, page_size):
     raise ValueError(f"--num_pages={FLAGS.num_pages} cannot hold one sequence of {max_len} tokens in pages of "
-                     f"{FLAGS.page_size}; use --num_pages >= {smallest_pool(max_len, FLAGS.page_size)} "
+                     f"{page_size}; use --num_pages >= {smallest_pool(max_len, page_size)} "
                      "(or lower --serve_max_len)")
   _, model, tokenizer, meta, (_, _, mesh, rules) = trainer.load_run(
       c.loop.output_dir, c.loop.mesh, c.loop.rules, options=c.options, tokenizer=c.data.tokenizer)
@@ -142,7 +145,7 @@ def run_serve() -> None:
   defaults = serve.Defaults(c.loop.sample_tokens, c.sampling, c.train.seed)
   with source, sharding.use_mesh(mesh, rules):
     summary = serve.serve(model, tokenizer, requests_in=source, out=sink, defaults=defaults,
-                          max_seqs=FLAGS.max_seqs, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None,
+                          max_seqs=FLAGS.max_seqs, page_size=page_size, num_pages=FLAGS.num_pages or None,
                           max_len=max_len, prefill_chunk=FLAGS.prefill_chunk, speculative=FLAGS.speculative,
                           progress=c.loop.progress)
   if sink is not sys.stdout:

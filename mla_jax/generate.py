@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mla_jax.engine import Engine, Request, Sampling, sample_logits  # noqa: F401  (re-exported)
+from mla_jax.engine import Engine, Request, Sampling, default_page_size, sample_logits  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Generated:
 
 def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
              rng: jax.Array | int = 0, sampling: Sampling = Sampling(), stop_token: int | None = None,
-             pad_token: int = 0, page_size: int = 16, prefill_chunk: int = 64, drafter=None) -> Generated:
+             pad_token: int = 0, page_size: int | None = None, prefill_chunk: int = 64, drafter=None) -> Generated:
   """Continue each prompt. prompts: [B, S] right-padded; prompt_lengths: [B] (1..S).
   Sequence b samples with seed rng + b (its tokens do not depend on the others)."""
   prompts = np.asarray(prompts, np.int32)
@@ -51,6 +51,7 @@ def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
     rng = int(jax.random.randint(rng, (), 0, 2**30))
   batch = len(prompts)
   # One batch, known up front: one row count and one table width, so two compiles (prefill, decode).
+  page_size = default_page_size() if page_size is None else page_size
   engine = Engine(model, max_seqs=batch, page_size=page_size, max_len=max_len, drafter=drafter,
                   prefill_chunk=min(prefill_chunk, 1 << (int(prompt_lengths.max()) - 1).bit_length()),
                   row_buckets=(batch,), width_buckets=(-(-max_len // page_size),))

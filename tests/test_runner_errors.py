@@ -113,7 +113,7 @@ def _cases(w):
       (train + [f"--tokenizer={w}/empty_dir"], "holds no tokenizer.json"),
       (train + [f"--tokenizer={w}/not_a_tokenizer.json"], "not a Hugging Face tokenizer"),
       (train + [f"--tokenizer={w}/missing.model"], "does not exist"),
-      (["--mode=serve", f"--output_dir={w}/never_trained", "--page_size=0"], "page_size"),
+      (["--mode=serve", f"--output_dir={w}/never_trained", "--page_size=-1"], "--page_size must be >= 1 (or 0"),
       (train + ["--mesh=data:two"], "mesh"),
       (train + ["--rules=bogus"], "rules"),
       (["--mode=eval", f"--output_dir={w}/never_trained"], "train first"),
