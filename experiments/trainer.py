@@ -239,13 +239,29 @@ def _meta(config: ModelConfig, options: RunOptions, tc: T.TrainConfig, data: Dat
                     tokenizer_name=data.tokenizer.name, data=data.key, step=step)
 
 
+def _damaged(ckpt: T.Checkpoints, step: int, error: Exception) -> None:
+  moved = ckpt.set_aside(step)
+  log(f"warning: checkpoint step {step} in {ckpt.directory} is damaged ({type(error).__name__}: "
+      f"{str(error).splitlines()[0][:120] if str(error) else ''}); moved to {moved}, falling back to the newest "
+      "intact step")
+  if ckpt.latest_step() is None:
+    raise RunError(f"no intact checkpoint left in {ckpt.directory} (the damaged ones are kept as damaged-STEP); "
+                   "restore them from a backup, or train afresh in a new --output_dir")
+
+
 def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
   """The step to resume from, after checking the saved model matches this one
   (how the run executes, its RunOptions, may change on resume)."""
-  step = ckpt.latest_step()
-  if step is None:
-    return None
-  diff = T.config_mismatch(ckpt.read_meta(step)["model_config"], config.to_dict())
+  while True:
+    step = ckpt.latest_step()
+    if step is None:
+      return None
+    try:
+      meta = ckpt.read_meta(step)
+      break
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: set aside, fall back
+      _damaged(ckpt, step, e)
+  diff = T.config_mismatch(meta["model_config"], config.to_dict())
   if diff:
     raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
                    "pass matching model flags to resume it, or a new --output_dir")
@@ -285,16 +301,23 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   iterator = pipeline.PackedBatches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
                                     batch_size=tc.batch_size, seed=tc.seed,
                                     rows=pipeline.process_rows(tc.batch_size, rank, processes))
-  start = 0
-  if resume is not None:
-    if "converted_from" in ckpt.read_meta(resume):
-      # an imported checkpoint: its weights, a fresh optimizer and data order
-      state = {**state, "params": _restore_params(ckpt, resume, state, shardings)}
-    else:
-      abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-      state, data_state, _ = ckpt.restore(abstract, resume)
-      iterator.set_state(data_state["iterator"])
-    start = resume
+  while resume is not None:
+    try:
+      if "converted_from" in ckpt.read_meta(resume):
+        # an imported checkpoint: its weights, a fresh optimizer and data order
+        state = {**state, "params": _restore_params(ckpt, resume, state, shardings)}
+      else:
+        abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+        restored, data_state, _ = ckpt.restore(abstract, resume)
+        iterator.set_state(data_state["iterator"])
+        state = restored
+      break
+    except RunError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a truncated or missing file: set the step aside, fall back
+      _damaged(ckpt, resume, e)
+      resume = check_run_dir(ckpt, config)
+  start = resume or 0
   eval_batches = pipeline.fixed_batches(
       data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=loop.eval_batch_size,
       num_batches=loop.eval_batches, rows=pipeline.process_rows(loop.eval_batch_size, rank, processes))

@@ -245,6 +245,23 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def set_aside(self, step: int) -> str:
+    """Move a damaged step out of orbax's sight, never deleting it: checkpoints/N
+    -> checkpoints/damaged-N (a later save of step N then finds no clash)."""
+    dst = os.path.join(self.directory, f"damaged-{step}")
+    k = 1
+    while os.path.exists(dst):
+      dst, k = os.path.join(self.directory, f"damaged-{step}-{k}"), k + 1
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), dst)
+    from mla_jax import compat
+    compat.barrier(f"mla_jax_set_aside_{step}", 600)
+    self.manager.reload()
+    return dst
+
   def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
     args = self._ocp.args
     self.manager.save(step, args=args.Composite(

@@ -299,3 +299,32 @@ def test_a_run_directory_written_by_the_previous_version(story_file, tmp_path):
   ckpt = T.Checkpoints(str(run_dir / "checkpoints"), async_save=False)
   assert ckpt.latest_step() == 6 and ckpt.read_meta()["model_config"]["config_version"] == 2
   ckpt.close()
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_falls_back(story_file, tmp_path):
+  """A truncated state file in the newest step, then a deleted meta file: each
+  resume moves the damaged step to checkpoints/damaged-STEP (nothing deleted),
+  says so, resumes from the newest intact step and trains on to the end; with
+  nothing intact left it stops with one line."""
+  run_dir = tmp_path / "run"
+  first = run_cmd(train_cmd(story_file, run_dir, "--steps=6", "--ckpt_every=2", "--keep_checkpoints=3"))
+  assert first.returncode == 0, first.stderr
+  ckpts = run_dir / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4", "6"]
+  data_files = [p for p in (ckpts / "6" / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+  with open(max(data_files, key=lambda p: p.stat().st_size), "r+b") as f:
+    f.truncate(100)                                  # a torn write of the newest step's arrays
+  (ckpts / "4" / "meta" / "metadata").unlink()       # and the one before lost its meta file
+  again = run_cmd(train_cmd(story_file, run_dir, "--steps=8", "--ckpt_every=2", "--keep_checkpoints=3"))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "checkpoint step 6" in again.stdout and "checkpoint step 4" in again.stdout
+  assert "resumed from step 2" in again.stdout
+  assert (ckpts / "damaged-6").is_dir() and (ckpts / "damaged-4").is_dir()
+  assert final_params(run_dir)[0] == 8
+  # nothing intact: one line, exit 2, the damaged steps kept
+  for step in [p.name for p in ckpts.iterdir() if p.name.isdigit()]:
+    (ckpts / step / "meta" / "metadata").unlink()
+  last = run_cmd(train_cmd(story_file, run_dir, "--steps=10", "--ckpt_every=2"))
+  assert last.returncode == 2
+  assert _error_line(last).startswith("error: no intact checkpoint left in")
+  assert len([p for p in ckpts.iterdir() if p.name.startswith("damaged-")]) >= 4
