@@ -422,6 +422,17 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
   config = registry.config_from_dict(meta["model_config"])
   options = options.replace(remat="none")
   tc = T.TrainConfig(**meta["train_config"])
+  loaded = None
+  if need_tokenizer:                # before anything compiles: a missing tokenizer is a one-line error
+    path = meta.get("tokenizer") or ""
+    if not os.path.exists(path):
+      if not tokenizer:
+        ckpt.close()
+        raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
+                       "recorded none); pass --tokenizer=PATH")
+      path = tokenizer
+    loaded = tok.load(path)
+    meta = {**meta, "tokenizer": path}
   rules = sharding.rules_preset(rules_name)
   mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
   graphdef, state, shardings = T.create_state(config, tc, mesh, rules, options)
@@ -431,16 +442,6 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
     abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     state, _, _ = ckpt.restore(abstract, step)
   ckpt.close()
-  loaded = None
-  if need_tokenizer:
-    path = meta.get("tokenizer") or ""
-    if not os.path.exists(path):
-      if not tokenizer:
-        raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
-                       "recorded none); pass --tokenizer=PATH")
-      path = tokenizer
-    loaded = tok.load(path)
-    meta = {**meta, "tokenizer": path}
   return config, T.model_from_state(graphdef, state), loaded, meta, (graphdef, state, mesh, rules)
 
 
