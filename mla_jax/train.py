@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mla_jax import registry, sharding
+from mla_jax import compat, registry, sharding
 from mla_jax.config import ModelConfig, RunOptions, option
 from mla_jax.model import Transformer
 
@@ -245,9 +245,6 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
-
   def set_aside(self, step: int) -> str:
     """Move a damaged step out of orbax's sight, never deleting it: checkpoints/N
     -> checkpoints/damaged-N (a later save of step N then finds no clash)."""
@@ -257,7 +254,6 @@ class Checkpoints:
       dst, k = os.path.join(self.directory, f"damaged-{step}-{k}"), k + 1
     if jax.process_index() == 0:
       os.rename(os.path.join(self.directory, str(step)), dst)
-    from mla_jax import compat
     compat.barrier(f"mla_jax_set_aside_{step}", 600)
     self.manager.reload()
     return dst
