@@ -95,9 +95,17 @@ def run_generate() -> None:
 
   from experiments import trainer
   from mla_jax.generate import generate
+  from mla_jax.engine import check_pool_fits, default_page_size, smallest_pool
   c = options.build(FLAGS)
+
+  def cache_fits(meta):              # one prompt token at least: the smallest cache this can need
+    config, page = registry.config_from_dict(meta["model_config"]), default_page_size()
+    tokens = c.loop.sample_tokens + 1
+    check_pool_fits(config, c.options, smallest_pool(tokens, page), page, max_seqs=1, max_len=tokens)
+
   config, model, tokenizer, meta, _ = trainer.load_run(c.loop.output_dir, c.loop.mesh, c.loop.rules,
-                                                       options=c.options, tokenizer=c.data.tokenizer)
+                                                       options=c.options, tokenizer=c.data.tokenizer,
+                                                       before_compile=cache_fits)
   ids = tokenizer.encode(c.loop.prompt)
   if not ids:
     raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -118,7 +126,7 @@ def run_generate() -> None:
 
 def run_serve() -> None:
   from experiments import serve, trainer
-  from mla_jax.engine import default_page_size, parse_speculative, smallest_pool
+  from mla_jax.engine import check_pool_fits, default_page_size, default_pool, parse_speculative, smallest_pool
   c = options.build(FLAGS)
   for name in ("max_seqs", "prefill_chunk"):
     if FLAGS[name].value < 1:
@@ -137,6 +145,8 @@ def run_serve() -> None:
     raise ValueError(f"--num_pages={FLAGS.num_pages} cannot hold one sequence of {max_len} tokens in pages of "
                      f"{page_size}; use --num_pages >= {smallest_pool(max_len, page_size)} "
                      "(or lower --serve_max_len)")
+  pages = FLAGS.num_pages or default_pool(FLAGS.max_seqs, max_len, page_size)
+  check_pool_fits(config, c.options, pages, page_size, max_seqs=FLAGS.max_seqs, max_len=max_len)
   _, model, tokenizer, meta, (_, _, mesh, rules) = trainer.load_run(
       c.loop.output_dir, c.loop.mesh, c.loop.rules, options=c.options, tokenizer=c.data.tokenizer)
   from mla_jax import sharding
@@ -240,6 +250,10 @@ def main(argv):
     sys.exit(2)
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+    # orbax logs a failed background save's tracebacks from its threads; the trainer
+    # reports the failure itself, as one line (experiments/trainer.py, _save_failed)
+    logging.get_absl_handler().addFilter(
+        lambda record: not (record.levelno >= logging.converter.STANDARD_ERROR and "/orbax/" in record.pathname))
   from mla_jax.host_memory import reuse_freed_memory
   reuse_freed_memory()  # before JAX allocates anything: CPU steps stop page-faulting
   try:
@@ -263,8 +277,29 @@ def main(argv):
     sys.exit(2)
 
 
+def _flagfile_cycle(argv, chain=()) -> str:
+  """'A includes B includes A' for the first flagfile that includes itself, else ''
+  (absl only warns and skips it, then runs on whatever flags remain)."""
+  for arg in argv:
+    if not arg.startswith("--flagfile="):
+      continue
+    path = os.path.realpath(os.path.expanduser(arg[len("--flagfile="):]))
+    if path in chain:
+      return " includes ".join(list(chain[chain.index(path):]) + [path])
+    if os.path.isfile(path):
+      with open(path, errors="replace") as f:
+        found = _flagfile_cycle([line.strip() for line in f], chain + (path,))
+      if found:
+        return found
+  return ""
+
+
 def parse_flags(argv):
   """absl's parser, but a bad flag is one line on stderr and exit status 2."""
+  cycle = _flagfile_cycle(argv[1:])
+  if cycle:
+    print(f"error: flagfile {cycle}; remove the --flagfile line that includes it", file=sys.stderr)
+    sys.exit(2)
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -24,6 +24,9 @@ class DataSpec:
   vocab_size: int = option(4096, "Tokens of the SentencePiece model trained when --tokenizer is empty.",
                            flag="tokenizer_vocab_size", legacy="vocab_size")
   tokenizer_docs: int = option(20_000, "Training documents used to fit the tokenizer.")
+  allow_change: bool = option(False, "On resume, continue the weights on data or a tokenizer other than the "
+                                     "checkpoint records (a fresh data order); refused without it.",
+                              flag="allow_data_change")
 
   @property
   def root(self) -> str:

@@ -16,6 +16,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -40,6 +41,18 @@ class Data:
   sources: dict
   tokenizer: Any
   key: str
+  directory: str = ""          # where the built dataset lies
+
+  def damaged(self, error: Exception, what: str) -> RunError:
+    """A read of the built dataset failed (array_record checks every chunk's hash)."""
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return RunError(f"reading {what} failed ({type(error).__name__}: {first}): the cached dataset in "
+                    f"{self.directory} is damaged; delete that folder and rerun this command to rebuild it")
+
+  @property
+  def tokenizer_sha256(self) -> str:
+    path = getattr(self.tokenizer, "path", "")
+    return tok.fingerprint(path) if path else ""
 
 
 def prepare_data(spec: DataSpec, barrier_timeout_s: float = 3600) -> Data:
@@ -69,15 +82,25 @@ def _prepare_data(spec: DataSpec) -> Data:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prepare_data_locked(spec: DataSpec) -> Data:
+def _builder(spec: DataSpec):
+  """The TFDS builder of `spec` (cheap: nothing is read or built yet)."""
   if spec.kind == "synthetic_stories":
-    builder = builders.synthetic_builder(spec.root, spec.num_train, spec.num_validation, spec.seed)
-  elif spec.kind == "tinystories":
+    return builders.synthetic_builder(spec.root, spec.num_train, spec.num_validation, spec.seed)
+  if spec.kind == "tinystories":
     if not spec.tinystories_train:
       raise RunError("--data=tinystories needs --tinystories_train=PATH (TinyStoriesV2 text or the JSON shards)")
-    builder = builders.tinystories_builder(spec.root, spec.tinystories_train, spec.tinystories_valid or None)
-  else:
-    raise RunError(f"unknown --data={spec.kind!r}; choose synthetic_stories or tinystories")
+    return builders.tinystories_builder(spec.root, spec.tinystories_train, spec.tinystories_valid or None)
+  raise RunError(f"unknown --data={spec.kind!r}; choose synthetic_stories or tinystories")
+
+
+def data_key(spec: DataSpec) -> str:
+  """The dataset identity a checkpoint records (meta["data"])."""
+  builder = _builder(spec)
+  return f"{builder.name}/{builder.builder_config.name}"
+
+
+def _prepare_data_locked(spec: DataSpec) -> Data:
+  builder = _builder(spec)
   reused = builders.is_prepared(builder)
   t0 = time.perf_counter()
   sources = builders.prepare(builder)
@@ -98,7 +121,7 @@ def _prepare_data_locked(spec: DataSpec) -> Data:
     tokenizer = tok.cached_sentencepiece(texts, spec.root, key, spec.vocab_size)
     log(f"tokenizer: {'reused' if existed else 'trained'} SentencePiece, {tokenizer.vocab_size} tokens, "
         f"at {path}" + ("" if existed else f" in {time.perf_counter() - t0:.1f}s"))
-  return Data(sources, tokenizer, key)
+  return Data(sources, tokenizer, key, builder.data_dir)
 
 
 def log(msg: str) -> None:
@@ -236,17 +259,83 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int = 0,
 
 def _meta(config: ModelConfig, options: RunOptions, tc: T.TrainConfig, data: Data, step: int) -> dict:
   return T.run_meta(config, options, tc, tokenizer=getattr(data.tokenizer, "path", ""),
-                    tokenizer_name=data.tokenizer.name, data=data.key, step=step)
+                    tokenizer_name=data.tokenizer.name, tokenizer_sha256=data.tokenizer_sha256,
+                    data=data.key, step=step)
+
+
+def _same_tokenizer(path: str, meta: dict) -> bool:
+  """Whether the tokenizer file `path` is the one the checkpoint recorded
+  (by content where the checkpoint or its file allows, else by name)."""
+  recorded = meta.get("tokenizer") or ""
+  if meta.get("tokenizer_sha256"):
+    return tok.fingerprint(path) == meta["tokenizer_sha256"]
+  if os.path.exists(recorded):
+    return tok.fingerprint(path) == tok.fingerprint(recorded)
+  return True          # nothing to compare against: the stand-in for a lost tokenizer
+
+
+def resume_data(meta: dict, spec: DataSpec, tc: T.TrainConfig, run_dir: str) -> tuple[DataSpec, bool]:
+  """(the data spec to build, whether the iterator resumes where it stopped).
+
+  A resumed run keeps the tokenizer its checkpoint records and reads on from its
+  data position. A change of dataset, tokenizer, or of what the position means
+  (--seq_len, --batch_size, --seed) would silently train the weights on other token
+  ids or other documents: refused (one line naming both sides) unless
+  --allow_data_change, which keeps the weights and optimizer and starts a fresh data
+  order. An imported step-0 run has no data of its own: any data goes."""
+  if "converted_from" in meta:
+    return spec, False
+  key, recorded = data_key(spec), meta.get("tokenizer") or ""
+  changes = []
+  if meta.get("data") and meta["data"] != key:
+    changes.append(f"dataset {meta['data']} -> {key}")
+  if spec.tokenizer:
+    if not _same_tokenizer(spec.tokenizer, meta):
+      changes.append(f"tokenizer {recorded or meta.get('tokenizer_name')} -> {spec.tokenizer}")
+  else:
+    wanted = tok.sentencepiece_path(spec.root, key, spec.vocab_size)
+    if os.path.basename(wanted) != os.path.basename(recorded):
+      changes.append(f"tokenizer {recorded or meta.get('tokenizer_name')} -> {wanted}")
+  for name in ("seq_len", "batch_size", "seed"):
+    before = meta["train_config"].get(name)
+    if before is not None and before != getattr(tc, name):
+      changes.append(f"--{name} {before} -> {getattr(tc, name)}")
+  if changes and not spec.allow_change:
+    raise RunError(f"{run_dir} was trained on other data than these flags give ({'; '.join(changes)}), which "
+                   "would change its token ids or data order; resume with the run's own flags, or pass "
+                   "--allow_data_change to continue its weights on the new data from a fresh data order")
+  if changes:
+    log(f"warning: --allow_data_change: {'; '.join(changes)}; the weights and optimizer carry over, the data "
+        "order starts afresh")
+  elif not spec.tokenizer and os.path.exists(recorded) and recorded != wanted:
+    spec = dataclasses.replace(spec, tokenizer=recorded)      # the very file the checkpoint recorded
+  return spec, not changes
 
 
 def _damaged(ckpt: T.Checkpoints, step: int, error: Exception) -> None:
+  why = ckpt.damage(step, error)
   moved = ckpt.set_aside(step)
-  log(f"warning: checkpoint step {step} in {ckpt.directory} is damaged ({type(error).__name__}: "
-      f"{str(error).splitlines()[0][:120] if str(error) else ''}); moved to {moved}, falling back to the newest "
-      "intact step")
+  log(f"warning: checkpoint step {step} in {ckpt.directory} is damaged ({why}); moved to {moved}, falling back "
+      "to the newest intact step")
   if ckpt.latest_step() is None:
     raise RunError(f"no intact checkpoint left in {ckpt.directory} (the damaged ones are kept as damaged-STEP); "
                    "restore them from a backup, or train afresh in a new --output_dir")
+
+
+def _save_failed(ckpt: T.Checkpoints, step: int, error: Exception) -> RunError:
+  """A failed save stops the run at once; the steps saved before it stay intact."""
+  ckpt.save_error(block=True)
+  # the failed save's other writes still run in orbax's threads; exiting under them
+  # prints their tracebacks at interpreter shutdown
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith("orbax."):
+      thread.join(timeout=30)
+  ckpt.manager.reload()
+  intact = ckpt.latest_step()
+  first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+  kept = f"step {intact} is intact and the run resumes from it" if intact is not None else "no step was saved"
+  return RunError(f"saving checkpoint step {step} in {ckpt.directory} failed ({type(error).__name__}: {first}); "
+                  f"{kept}: free disk space (or fix the folder) and rerun this command")
 
 
 def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
@@ -288,11 +377,20 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     raise RunError(f"--seq_len={tc.seq_len} exceeds max_seq_len={config.max_seq_len}")
   if data_spec.tokenizer:
     tok.load(data_spec.tokenizer)                    # a bad --tokenizer is refused before any data is built
+  data_key(data_spec)                                # so is a missing, binary or too short stories file
   os.makedirs(loop.output_dir, exist_ok=True)
   ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
                        async_save=loop.async_checkpoints)
   resume = check_run_dir(ckpt, config)               # before any data build or compile
+  keep_position, position = False, None
+  if resume is not None:
+    meta = ckpt.read_meta(resume)
+    data_spec, keep_position = resume_data(meta, data_spec, tc, loop.output_dir)
   data = prepare_data(data_spec)
+  if keep_position and meta.get("tokenizer_sha256") and data.tokenizer_sha256 != meta["tokenizer_sha256"]:
+    raise RunError(f"the tokenizer rebuilt at {data.tokenizer.path} differs from the one {loop.output_dir} "
+                   f"recorded ({meta['tokenizer']}, now missing); restore that file and pass "
+                   "--tokenizer=PATH, or pass --allow_data_change to continue on the new token ids")
   if data.tokenizer.vocab_size > config.vocab_size:
     raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                    f"{config.vocab_size} embedding rows; raise the model's vocab_size")
@@ -308,19 +406,26 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
         state = {**state, "params": _restore_params(ckpt, resume, state, shardings)}
       else:
         abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-        restored, data_state, _ = ckpt.restore(abstract, resume)
-        iterator.set_state(data_state["iterator"])
-        state = restored
+        state, data_state, _ = ckpt.restore(abstract, resume)
+        if keep_position:
+          position = data_state["iterator"]
       break
     except RunError:
       raise
     except Exception as e:  # noqa: BLE001 - a truncated or missing file: set the step aside, fall back
       _damaged(ckpt, resume, e)
       resume = check_run_dir(ckpt, config)
+  if position is not None:     # outside the fallback: a position this process cannot take is not damage
+    iterator.set_state(position)
   start = resume or 0
-  eval_batches = pipeline.fixed_batches(
-      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=loop.eval_batch_size,
-      num_batches=loop.eval_batches, rows=pipeline.process_rows(loop.eval_batch_size, rank, processes))
+  try:
+    eval_batches = pipeline.fixed_batches(
+        data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=loop.eval_batch_size,
+        num_batches=loop.eval_batches, rows=pipeline.process_rows(loop.eval_batch_size, rank, processes))
+  except ValueError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a damaged array_record file
+    raise data.damaged(e, "the validation split") from None
   step_fn = T.make_train_step(graphdef, tc, shardings, mesh, rules)
   eval_fn = T.make_eval_step(graphdef, mesh, rules)
   metrics = Metrics(loop.output_dir, start)
@@ -334,11 +439,21 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   summary: dict = {"resumed_from": resume}
   try:
     for step in range(start + 1, tc.steps + 1):
-      tokens = next(iterator)["tokens"]
+      error = ckpt.save_error()
+      if error is not None:
+        raise _save_failed(ckpt, last_good, error)
+      try:
+        tokens = next(iterator)["tokens"]
+      except Exception as e:  # noqa: BLE001 - found mid-run: the opening check reads only the ends
+        ckpt.save_error(block=True)
+        error = data.damaged(e, f"the training data for step {step}")
+        if last_good is not None:
+          error = RunError(f"{error} (the run then resumes from step {last_good})")
+        raise error from None
       state, m = step_fn(state, global_batch(tokens, mesh, rules))
       loss, param_norm = float(m["loss"]), float(m["param_norm"])
       if not (math.isfinite(loss) and math.isfinite(param_norm)):
-        ckpt.wait()
+        ckpt.save_error(block=True)
         where = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}"
                  if last_good is not None else "no checkpoint had been saved yet")
         what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became non-finite"
@@ -359,9 +474,17 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
         bar.write(f"step {step}: validation loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
         summary["eval"] = ev
       if step % loop.ckpt_every == 0 or step == tc.steps:
-        ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, options, tc, data, step))
+        error = ckpt.save_error(block=True)        # orbax waits for the previous save anyway
+        if error is not None:
+          raise _save_failed(ckpt, last_good, error)
+        try:
+          ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, options, tc, data, step))
+        except Exception as e:  # noqa: BLE001 - the save's own folder could not be written
+          raise _save_failed(ckpt, step, e) from None
         last_good = step
-    ckpt.wait()
+    error = ckpt.save_error(block=True)
+    if error is not None:
+      raise _save_failed(ckpt, last_good, error)
   finally:
     bar.close()
     metrics.close()
@@ -395,52 +518,84 @@ def restore_converted_params(run_dir: str):
   return load_run(run_dir, need_tokenizer=False)[1]
 
 
-def run_config(run_dir: str) -> ModelConfig:
-  """The model config of a run's latest checkpoint, read from its metadata alone."""
+def _open_run(run_dir: str) -> T.Checkpoints:
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   ckpt = T.Checkpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
-  if ckpt is None or ckpt.latest_step() is None:
+  if ckpt is None or not ckpt.steps():
     raise RunError(f"no finished checkpoint in {run_dir}: train first (--mode=train --output_dir={run_dir})")
-  meta = ckpt.read_meta()
+  return ckpt
+
+
+def _skip_damaged(ckpt: T.Checkpoints, step: int, error: Exception, steps: list[int]) -> None:
+  """Reading a run (eval, generate, serve) never moves anything: say which step is
+  damaged and go on to the one before, or stop with one line."""
+  why = ckpt.damage(step, error)
+  older = [s for s in steps if s < step]
+  if not older:
+    ckpt.close()
+    raise RunError(f"no intact checkpoint in {ckpt.directory} (step {step}: {why}); resume training once "
+                   "to set the damaged steps aside, or restore them from a backup")
+  log(f"warning: checkpoint step {step} in {ckpt.directory} is damaged ({why}); using step {older[0]}")
+
+
+def run_config(run_dir: str) -> ModelConfig:
+  """The model config of a run's newest readable checkpoint, from its metadata alone."""
+  ckpt = _open_run(run_dir)
+  steps = ckpt.steps()
+  for step in steps:
+    try:
+      meta = ckpt.read_meta(step)
+      break
+    except Exception as e:  # noqa: BLE001 - unreadable: the step before
+      _skip_damaged(ckpt, step, e, steps)
   ckpt.close()
   return registry.config_from_dict(meta["model_config"])
 
 
 def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True,
-             options: RunOptions = RunOptions(), tokenizer: str = ""):
-  """(config, model, tokenizer, meta, (graphdef, state, mesh, rules)) from the latest
-  checkpoint of a run, the model under `options` (remat never applies here);
-  `tokenizer` stands in when the one the run recorded is missing."""
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise RunError(f"no checkpoints in {run_dir}: train first (--mode=train --output_dir={run_dir})")
-  ckpt = T.Checkpoints(ckpt_dir, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise RunError(f"no finished checkpoint in {ckpt_dir}: train first")
-  meta = ckpt.read_meta(step)
-  config = registry.config_from_dict(meta["model_config"])
+             options: RunOptions = RunOptions(), tokenizer: str = "", before_compile=None):
+  """(config, model, tokenizer, meta, (graphdef, state, mesh, rules)) from the newest
+  intact checkpoint of a run, the model under `options` (remat never applies
+  here); `tokenizer` stands in when the one the run recorded is missing;
+  `before_compile(meta)` runs the caller's own checks before anything compiles."""
+  ckpt = _open_run(run_dir)
+  steps = ckpt.steps()
   options = options.replace(remat="none")
-  tc = T.TrainConfig(**meta["train_config"])
-  loaded = None
-  if need_tokenizer:                # before anything compiles: a missing tokenizer is a one-line error
-    path = meta.get("tokenizer") or ""
-    if not os.path.exists(path):
-      if not tokenizer:
-        ckpt.close()
-        raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
-                       "recorded none); pass --tokenizer=PATH")
-      path = tokenizer
-    loaded = tok.load(path)
-    meta = {**meta, "tokenizer": path}
   rules = sharding.rules_preset(rules_name)
-  mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
-  graphdef, state, shardings = T.create_state(config, tc, mesh, rules, options)
-  if "converted_from" in meta:
-    state = {**state, "params": _restore_params(ckpt, step, state, shardings)}
-  else:
-    abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-    state, _, _ = ckpt.restore(abstract, step)
+  for step in steps:
+    try:
+      if ckpt.missing(step):            # seen before anything compiles
+        raise FileNotFoundError(step)
+      meta = ckpt.read_meta(step)
+    except Exception as e:  # noqa: BLE001 - unreadable: the step before
+      _skip_damaged(ckpt, step, e, steps)
+      continue
+    config = registry.config_from_dict(meta["model_config"])
+    tc = T.TrainConfig(**meta["train_config"])
+    loaded = None
+    if need_tokenizer:              # before anything compiles: a missing tokenizer is a one-line error
+      path = meta.get("tokenizer") or ""
+      if not os.path.exists(path):
+        if not tokenizer:
+          ckpt.close()
+          raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
+                         "recorded none); pass --tokenizer=PATH")
+        path = tokenizer
+      loaded = tok.load(path)
+      meta = {**meta, "tokenizer": path}
+    mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
+    if before_compile is not None:
+      before_compile(meta)
+    graphdef, state, shardings = T.create_state(config, tc, mesh, rules, options)
+    try:
+      if "converted_from" in meta:
+        state = {**state, "params": _restore_params(ckpt, step, state, shardings)}
+      else:
+        abstract = T.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+        state, _, _ = ckpt.restore(abstract, step)
+      break
+    except Exception as e:  # noqa: BLE001 - truncated or missing arrays: the step before
+      _skip_damaged(ckpt, step, e, steps)
   ckpt.close()
   return config, T.model_from_state(graphdef, state), loaded, meta, (graphdef, state, mesh, rules)
 
@@ -448,15 +603,22 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
              prompt: str, sample_tokens: int, seed: int, rules: str = "default",
              options: RunOptions = RunOptions(), sampling: Sampling = Sampling(0.8, 40, 0.95)) -> dict:
+  batches = []
+
+  def validation_batches(meta):          # built before the model compiles: a bad size is a one-line error
+    data = prepare_data(dataclasses.replace(data_spec, tokenizer=meta["tokenizer"]))
+    try:
+      batches[:] = pipeline.fixed_batches(
+          data.sources["validation"], data.tokenizer, seq_len=meta["train_config"]["seq_len"],
+          batch_size=eval_batch_size, num_batches=eval_batches,
+          rows=pipeline.process_rows(eval_batch_size, jax.process_index(), jax.process_count()))
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a damaged array_record file
+      raise data.damaged(e, "the validation split") from None
+
   config, model, tokenizer, meta, (graphdef, state, mesh_obj, rules_t) = load_run(
-      run_dir, mesh, rules, options=options, tokenizer=data_spec.tokenizer)
-  spec = dataclasses.replace(data_spec, tokenizer=meta["tokenizer"])
-  data = prepare_data(spec)
-  tc = T.TrainConfig(**meta["train_config"])
-  batches = pipeline.fixed_batches(
-      data.sources["validation"], data.tokenizer, seq_len=tc.seq_len, batch_size=eval_batch_size,
-      num_batches=eval_batches,
-      rows=pipeline.process_rows(eval_batch_size, jax.process_index(), jax.process_count()))
+      run_dir, mesh, rules, options=options, tokenizer=data_spec.tokenizer, before_compile=validation_batches)
   ev = evaluate(T.make_eval_step(graphdef, mesh_obj, rules_t), state["params"], batches, mesh_obj, rules_t)
   return {"step": meta["step"], **ev, "cache_elements_per_token": config.cache_elements_per_token(),
           "cache_bytes_per_token_all_layers_fp32": 4 * config.cache_elements_per_token() * config.num_layers,

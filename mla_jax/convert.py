@@ -74,6 +74,11 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
     except Exception as e:
       raise ConvertError(f"{file} is not a readable safetensors file ({e})") from None
   else:
+    with open(file, "rb") as f:
+      head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":     # torch.save writes a zip archive (a pickle before torch 1.6)
+      raise ConvertError(f"{file} is not a PyTorch checkpoint (neither the zip archive nor the pickle "
+                         "torch.save writes); pass a .bin/.pt saved by torch.save or a .safetensors file")
     try:
       import torch
     except ImportError:
@@ -90,10 +95,22 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
       raise ConvertError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
     tensors = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
   tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  for name, value in tensors.items():
+    bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+    if bad:
+      raise ConvertError(f"{file}: tensor {name!r} holds {bad} NaN or infinite values; the checkpoint is "
+                         "damaged or diverged: re-download it, or convert an earlier one")
   config = None
   if cfg_path:
-    with open(cfg_path) as f:
-      config = json.load(f)
+    try:
+      with open(cfg_path) as f:
+        config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConvertError(f"{cfg_path} is not valid JSON ({e}); repair it, or move it away to read the "
+                         "config off the tensor shapes") from None
+    if not isinstance(config, dict):
+      raise ConvertError(f"{cfg_path} holds a JSON {type(config).__name__}, not the model's config object; "
+                         "repair it, or move it away to read the config off the tensor shapes")
   return tensors, config
 
 
@@ -116,6 +133,10 @@ def infer_config(variant: str, tensors: dict, config_json: dict | None = None,
   vocab, d = _shape(tensors, "transformer.wte.weight")
   layers = 1 + max(int(m.group(1)) for k in tensors for m in [re.match(r"transformer\.h\.(\d+)\.", k)] if m)
   mlp = _shape(tensors, "transformer.h.0.mlp.c_fc1.weight")[0]
+  for key, held in (("n_layer", layers), ("n_embd", d), ("vocab_size", vocab), ("intermediate_size", mlp)):
+    if key in c and c[key] != held:
+      raise ConvertError(f"config.json says {key}={c[key]} but the tensors hold {held}: it describes another "
+                         "model; put the checkpoint's own config.json beside it (or none)")
   module = registry.get(variant).module
   try:
     kwargs = module.authors_config(ShapeOf(tensors, ATTN.format(0)), c, num_heads)

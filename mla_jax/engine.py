@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Sequence
@@ -203,6 +204,32 @@ def default_page_size() -> int:
   return 64 if compat.on_gpu() else 16
 
 
+def device_memory_bytes() -> int:
+  """What one device can hold: the accelerator's allocator limit, or the host's
+  physical memory on a CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_pool_fits(config, options, num_pages: int, page_size: int, *, max_seqs: int, max_len: int) -> None:
+  """Refuse (one line) page pools larger than the device, before anything is
+  allocated or compiled: `Transformer.init_pages`' arrays, every layer's."""
+  need = (num_pages * page_size * config.cache_elements_per_token() * config.num_layers
+          * jnp.dtype(options.cache_jnp_dtype).itemsize)
+  have = device_memory_bytes()
+  if need > have:
+    raise ValueError(f"the KV cache for {max_seqs:,} sequence(s) of up to {max_len:,} tokens needs "
+                     f"{need / 1e9:,.1f} GB, more than this device's {have / 1e9:,.1f} GB; generate fewer tokens "
+                     "(--max_new_tokens, --serve_max_len) or serve fewer sequences at once (--max_seqs, --num_pages)")
+
+
+def default_pool(max_seqs: int, max_len: int, page_size: int) -> int:
+  """Pages when none are asked for: every sequence at full length, and the reserved page."""
+  return max_seqs * math.ceil(max_len / page_size) + 1
+
+
 def smallest_pool(max_len: int, page_size: int) -> int:
   """Pages (the reserved one included) that hold one sequence of max_len tokens."""
   return math.ceil(max_len / page_size) + 1
@@ -236,11 +263,12 @@ class Engine:
                        "position table); lower it")
     self.max_pages = -(-self.max_len // page_size)              # pages of one sequence at most
     if num_pages is None:
-      num_pages = max_seqs * self.max_pages + 1
+      num_pages = default_pool(max_seqs, self.max_len, page_size)
     if num_pages < smallest_pool(self.max_len, page_size):
       raise ValueError(f"a pool of {num_pages} pages of {page_size} tokens cannot hold one sequence of "
                        f"{self.max_len} tokens (max_len); use num_pages >= {smallest_pool(self.max_len, page_size)} "
                        "(page 0 is reserved)")
+    check_pool_fits(config, model.options, num_pages, page_size, max_seqs=max_seqs, max_len=self.max_len)
     self.model, self.config = model, config
     self.max_seqs, self.page_size, self.prefill_chunk = max_seqs, page_size, prefill_chunk
     self.drafter, self.keep_logits, self.prefix_sharing = drafter, keep_logits, prefix_sharing

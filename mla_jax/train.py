@@ -245,6 +245,24 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """Every finished step, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  # the files whose loss orbax reports obscurely ("pytree structure error" for _METADATA)
+  REQUIRED = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata", "data/metadata")
+
+  def missing(self, step: int) -> list[str]:
+    return [f for f in self.REQUIRED if not os.path.exists(os.path.join(self.directory, str(step), f))]
+
+  def damage(self, step: int, error: Exception | None) -> str:
+    """What is wrong with a step that failed to load, in a few words."""
+    missing = self.missing(step)
+    if missing:
+      return f"{', '.join(missing)} missing"
+    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}"
+
   def set_aside(self, step: int) -> str:
     """Move a damaged step out of orbax's sight, never deleting it: checkpoints/N
     -> checkpoints/damaged-N (a later save of step N then finds no clash)."""
@@ -297,6 +315,15 @@ class Checkpoints:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+
+  def save_error(self, block: bool = False) -> Exception | None:
+    """The error of a background save that failed (a full disk, a lost mount), if any;
+    `block` waits for the save in flight first."""
+    try:
+      self.wait() if block else self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised
+      return e
+    return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -4,7 +4,10 @@ directory untouched.
 
 The cases run in ONE subprocess (`_driver`): each resets absl's flags, parses
 its command line and calls the runner's main, as `python -m experiments.run`
-would, so the table costs one JAX import rather than one per row.
+would, so the table costs one JAX import rather than one per row. The driver
+first trains one tiny run (`trained`), which the resume, eval, generate and serve
+rows then meet with changed or impossible flags; that run, the shared dataset
+and every other file must come out byte-identical.
 """
 import hashlib
 import json
@@ -12,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,26 +26,46 @@ TINY = ["--d_model=32", "--num_heads=2", "--head_dim=16", "--q_lora_rank=16", "-
         "--noprogress"]
 
 _DRIVER = r"""
-import contextlib, io, json, os, sys, time, traceback
+import contextlib, hashlib, io, json, os, shutil, sys, time, traceback
 from experiments import run
-cases = json.load(open(sys.argv[1]))
+setup, cases = json.load(open(sys.argv[1]))
 workspace = sys.argv[3]
 
-def listing():   # every path under the workspace with its size and modification time
-  return sorted((os.path.join(b, f), os.path.getsize(os.path.join(b, f)), os.path.getmtime(os.path.join(b, f)))
-                for b, _, fs in os.walk(workspace) for f in fs + [""] if os.path.exists(os.path.join(b, f)))
+import jax
+compiles = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: compiles.__setitem__(0, compiles[0] + ("backend_compile" in event)))
+
+def call(argv):
+  run.FLAGS.unparse_flags()
+  run.main(run.parse_flags(["run"] + argv))
+
+for argv in setup:       # must succeed: what the cases then meet
+  try:
+    call(argv)
+  except SystemExit as e:
+    sys.exit(f"setup {argv} exited {e.code}")
+# a copy of the trained run whose only checkpoint lost its state/_METADATA
+shutil.copytree(os.path.join(workspace, "trained"), os.path.join(workspace, "no_metadata"))
+(step,) = [d for d in os.listdir(os.path.join(workspace, "no_metadata", "checkpoints")) if d.isdigit()]
+os.remove(os.path.join(workspace, "no_metadata", "checkpoints", step, "state", "_METADATA"))
+
+def listing():   # every path under the workspace with its modification time and a digest of its bytes
+  def entry(path):
+    digest = hashlib.sha1(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else ""
+    return path, os.path.getmtime(path), digest
+  return sorted(entry(os.path.join(b, f)) for b, _, fs in os.walk(workspace) for f in fs + [""]
+                if os.path.exists(os.path.join(b, f)) and ".lock" not in f)
 
 results = []
 for argv in cases:
-  before = listing()
+  before, compiled = listing(), compiles[0]
   err = io.StringIO()
   start = time.time()
   code, tb = None, ""
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     try:
-      run.FLAGS.unparse_flags()
-      rest = run.parse_flags(["run"] + argv)
-      run.main(rest)
+      call(argv)
       code = 0
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else 1
@@ -49,24 +73,22 @@ for argv in cases:
       tb = traceback.format_exc()
       code = "raised"
   results.append({"code": code, "stderr": err.getvalue(), "traceback": tb, "seconds": time.time() - start,
-                  "changed": listing() != before})
+                  "changed": listing() != before, "compiles": compiles[0] - compiled})
 json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def _tree_digest(path):
-  """A digest of every file under `path` (names and bytes), None if it does not exist."""
-  if not os.path.exists(path):
-    return None
-  h = hashlib.sha256()
-  for base, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(base, name)
-      h.update(os.path.relpath(full, path).encode())
-      with open(full, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
+def _authors_checkpoint(folder, *, config=None, config_text=None, nan=False):
+  """A tiny MLA checkpoint in the MLRA authors' layout (safetensors + config.json)."""
+  from safetensors.numpy import save_file
+  from test_convert import MANIFEST, random_tensors
+  folder.mkdir()
+  tensors = random_tensors("mla")
+  if nan:
+    tensors["transformer.h.1.attn.c_proj.weight"][0, :3] = np.nan
+  save_file(tensors, str(folder / "model.safetensors"))
+  (folder / "config.json").write_text(config_text if config_text is not None
+                                      else json.dumps({**MANIFEST["mla"]["config"], **(config or {})}))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +98,15 @@ def workspace(tmp_path_factory):
   (root / "empty_dir").mkdir()
   (root / "not_a_tokenizer.json").write_text(json.dumps({"hello": "world"}))
   (root / "junk.flags").write_text("--steps=2\nthis line is not a flag\n")
+  (root / "self.flags").write_text(f"--steps=2\n--flagfile={root / 'self.flags'}\n")
+  (root / "a.flags").write_text(f"--flagfile={root / 'b.flags'}\n")
+  (root / "b.flags").write_text(f"--steps=3\n--flagfile={root / 'a.flags'}\n")
+  (root / "notes.txt").write_text("these are my notes, not a checkpoint\n" * 20)
+  (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
+  (root / "one_story.txt").write_text("Tom had a ball. The ball was red.\n<|endoftext|>\n")
+  _authors_checkpoint(root / "ckpt_nan", nan=True)
+  _authors_checkpoint(root / "ckpt_other_config", config={"n_layer": 3})
+  _authors_checkpoint(root / "ckpt_broken_config", config_text='{"n_layer": 2,')
   return root
 
 
@@ -83,6 +114,8 @@ def _cases(w):
   """(argv, what stderr must say). {w} is the workspace folder."""
   run_dir = f"--output_dir={w}/run"
   train = ["--mode=train", run_dir, f"--data_dir={w}/data"] + TINY
+  resume = ["--mode=train", f"--output_dir={w}/trained", f"--data_dir={w}/data"] + _trained_flags()
+  tiny_data = ["--num_train_stories=50", "--num_valid_stories=10"]
   return [
       (train + ["--eval_every=0"], "--eval_every must be >= 1"),
       (train + ["--ckpt_every=0"], "--ckpt_every must be >= 1"),
@@ -118,20 +151,65 @@ def _cases(w):
       (train + ["--rules=bogus"], "rules"),
       (["--mode=eval", f"--output_dir={w}/never_trained"], "train first"),
       (["--mode=generate", f"--output_dir={w}/never_trained"], "train first"),
+      # flagfiles
+      ([f"--flagfile={w}/self.flags"] + train, "self.flags includes " + f"{w}/self.flags"),
+      ([f"--flagfile={w}/a.flags"] + train, "b.flags includes " + f"{w}/a.flags"),
+      # stories files
+      (train + ["--data=tinystories", f"--tinystories_train={w}/binary.txt"], "binary.txt is not text"),
+      (train + ["--data=tinystories", f"--tinystories_train={w}/one_story.txt"], "holds 1 story: too few"),
+      (train + ["--data=tinystories", f"--tinystories_train={w}/missing.txt"], "matches no .txt or .json"),
+      (train + ["--data=tinystories"], "needs --tinystories_train=PATH"),
+      # resuming the trained run with flags that change its data, its token ids or its model
+      (resume + ["--num_train_stories=60"], "dataset synthetic_stories/n50_v10_s0_g1 -> synthetic_stories/n60"),
+      (resume + ["--data_seed=1"], "was trained on other data than these flags give"),
+      (resume + ["--tokenizer_vocab_size=500"], "tokenizer "),
+      (resume + ["--seq_len=8"], "--seq_len 16 -> 8"),
+      (resume + ["--batch_size=4"], "--batch_size 2 -> 4"),
+      (resume + ["--seed=3"], "--seed 0 -> 3"),
+      (resume + ["--variant=mla"], "holds checkpoints of a different model"),
+      (resume + ["--d_model=64"], "d_model: saved 32, now 64"),
+      # reading the trained run
+      (["--mode=generate", f"--output_dir={w}/trained", "--max_new_tokens=2000000000"], "GB, more than this device"),
+      (["--mode=serve", f"--output_dir={w}/trained", "--max_seqs=100000000", "--requests=-"], "GB, more than this device"),
+      (["--mode=eval", f"--output_dir={w}/trained", "--eval_batch_size=64", f"--data_dir={w}/data", *tiny_data],
+       "validation split is too small"),
+      (["--mode=eval", f"--output_dir={w}/no_metadata"], "state/_METADATA missing"),
+      # importing the authors' checkpoints
+      (["--mode=convert", f"--torch_checkpoint={w}/notes.txt", f"--output_dir={w}/converted"],
+       "notes.txt is not a PyTorch checkpoint"),
+      (["--mode=convert", f"--torch_checkpoint={w}/ckpt_nan", f"--output_dir={w}/converted", "--variant=mla"],
+       "holds 3 NaN or infinite values"),
+      (["--mode=convert", f"--torch_checkpoint={w}/ckpt_other_config", f"--output_dir={w}/converted",
+        "--variant=mla"], "config.json says n_layer=3 but the tensors hold 2"),
+      (["--mode=convert", f"--torch_checkpoint={w}/ckpt_broken_config", f"--output_dir={w}/converted",
+        "--variant=mla"], "ckpt_broken_config/config.json is not valid JSON"),
+      (["--mode=convert", f"--torch_checkpoint={w}/ckpt_nan", f"--output_dir={w}/trained", "--variant=mla"],
+       "holds 3 NaN"),
+      (["--mode=convert", f"--output_dir={w}/converted"], "needs --torch_checkpoint"),
   ]
+
+
+def _setup(w):
+  """The run the resume and read rows meet: two steps of a tiny MLRA-4 model."""
+  return [["--mode=train", f"--output_dir={w}/trained", f"--data_dir={w}/data", *_trained_flags()]]
+
+
+def _trained_flags():
+  flags = [f for f in TINY if not f.startswith(("--vocab_size", "--eval"))]
+  return flags + ["--vocab_size=512", "--eval_batch_size=2", "--eval_batches=1", "--max_new_tokens=4"]
 
 
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, tmp_path):
   cases = _cases(workspace)
-  assert len(cases) >= 25
-  before = {p: _tree_digest(workspace / p) for p in ("run", "never_trained", "a_file", "data")}
-  (tmp_path / "cases.json").write_text(json.dumps([argv for argv, _ in cases]))
+  assert len(cases) >= 40
+  (tmp_path / "cases.json").write_text(json.dumps([_setup(workspace), [argv for argv, _ in cases]]))
   (tmp_path / "driver.py").write_text(_DRIVER)
   out = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cases.json"),
                         str(tmp_path / "results.json"), str(workspace)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": ROOT})
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
+  assert len(results) == len(cases)
   problems = []
   for (argv, expected), r in zip(cases, results):
     lines = [line for line in r["stderr"].splitlines() if line.strip()]
@@ -146,12 +224,13 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, tmp_path):
       why.append(f"says {lines[0]!r}, not {expected!r}")
     if r["changed"]:
       why.append("changed the workspace (a run or data folder, a file)")
+    if r["compiles"]:
+      why.append(f"compiled {r['compiles']} program(s) before refusing")
     if r["seconds"] > 20:
-      why.append(f"took {r['seconds']:.0f} s (something compiled or built data first)")
+      why.append(f"took {r['seconds']:.0f} s (something built data first)")
     if why:
       problems.append(f"{' '.join(a for a in argv if a not in TINY)}: {'; '.join(why)}")
   assert not problems, "\n".join(problems)
-  assert {p: _tree_digest(workspace / p) for p in before} == before
 
 
 # ------------------------------------------------------------------ faults in what a run left behind

@@ -292,9 +292,14 @@ def test_a_run_directory_written_by_the_previous_version(story_file, tmp_path):
                                sample_tokens=4, seed=0)
   assert evaluated["step"] == 4 and 0 < evaluated["loss"] < 6.0 and evaluated["sample"].startswith("Tom had")
 
-  resumed = run_cmd(train_cmd(story_file, run_dir, "--steps=6", "--ckpt_every=6", "--keep_checkpoints=1"))
+  # its stories and tokenizer are gone: training on these is a data change, refused unless asked for
+  cmd = train_cmd(story_file, run_dir, "--steps=6", "--ckpt_every=6", "--keep_checkpoints=1")
+  refused = run_cmd(cmd)
+  assert refused.returncode == 2 and _error_line(refused).startswith(f"error: {run_dir} was trained on other data")
+  assert "dataset tiny_stories/local_17f7df98d37fb26a -> tiny_stories/local_" in refused.stderr
+  resumed = run_cmd(cmd + ["--allow_data_change"])
   assert resumed.returncode == 0, resumed.stderr
-  assert "resumed from step 4" in resumed.stdout
+  assert "resumed from step 4" in resumed.stdout and "warning: --allow_data_change: dataset" in resumed.stdout
   assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
   ckpt = T.Checkpoints(str(run_dir / "checkpoints"), async_save=False)
   assert ckpt.latest_step() == 6 and ckpt.read_meta()["model_config"]["config_version"] == 2
@@ -321,6 +326,16 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_falls_back(story_f
   assert "resumed from step 2" in again.stdout
   assert (ckpts / "damaged-6").is_dir() and (ckpts / "damaged-4").is_dir()
   assert final_params(run_dir)[0] == 8
+  # reading the run (eval) skips a damaged newest step without moving anything
+  data_files = [p for p in (ckpts / "8" / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+  with open(max(data_files, key=lambda p: p.stat().st_size), "r+b") as f:
+    f.truncate(100)
+  listing = sorted(p.name for p in ckpts.iterdir())
+  evaluated = run_cmd(train_cmd(story_file, run_dir, "--mode=eval"))
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "checkpoint step 8" in evaluated.stdout and "using step 6" in evaluated.stdout
+  assert '"step": 6' in evaluated.stdout
+  assert sorted(p.name for p in ckpts.iterdir()) == listing
   # nothing intact: one line, exit 2, the damaged steps kept
   for step in [p.name for p in ckpts.iterdir() if p.name.isdigit()]:
     (ckpts / step / "meta" / "metadata").unlink()
@@ -328,3 +343,67 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_falls_back(story_f
   assert last.returncode == 2
   assert _error_line(last).startswith("error: no intact checkpoint left in")
   assert len([p for p in ckpts.iterdir() if p.name.startswith("damaged-")]) >= 4
+
+
+_FULL_DISK = r"""
+import errno, sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+write = handler.JsonCheckpointHandler._save_fn
+
+async def full_disk_at_step_4(self, item, directory):   # the disk fills up as step 4's meta is written
+  if isinstance(item, dict) and item.get("step") == 4:
+    raise OSError(errno.ENOSPC, "No space left on device")
+  return await write(self, item, directory)
+
+handler.JsonCheckpointHandler._save_fn = full_disk_at_step_4
+from absl import app
+from experiments import run
+app.run(run.main, flags_parser=run.parse_flags, argv=["run"] + sys.argv[1:])
+"""
+
+
+def test_a_save_that_fails_stops_at_once_and_keeps_the_previous_checkpoint(story_file, tmp_path):
+  """ENOSPC raised in orbax's background write of step 4: the run stops with one
+  line naming the step and the intact one, within two steps of the failure; step 2
+  restores, and rerunning (the disk freed) resumes from it to the end."""
+  run_dir = tmp_path / "run"
+  driver = tmp_path / "full_disk.py"
+  driver.write_text(_FULL_DISK)
+  cmd = train_cmd(story_file, run_dir, "--steps=12", "--ckpt_every=2")
+  failed = run_cmd([sys.executable, str(driver)] + cmd[3:], env={**os.environ, "PYTHONPATH": os.getcwd()})
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr.strip().splitlines() == [failed.stderr.strip()], failed.stderr[-3000:]   # one line
+  assert _error_line(failed).startswith(f"error: saving checkpoint step 4 in {run_dir / 'checkpoints'} failed "
+                                        "(OSError: [Errno 28] No space left on device); step 2 is intact")
+  assert max(train_losses(run_dir)) <= 6                # reported at once, not at the end of the run
+  assert final_params(run_dir)[0] == 2
+  again = run_cmd(cmd)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from step 2" in again.stdout and final_params(run_dir)[0] == 12
+
+
+@pytest.mark.full
+def test_a_dataset_damaged_mid_file_is_named_when_read(story_file, tmp_path):
+  """The opening check reads a split's first and last records; damage between them
+  is found when training reads it: one line naming the dataset folder, the last
+  checkpoint kept; rebuilding the folder resumes the run."""
+  import glob
+  data_dir = tmp_path / "data"
+  cmd = train_cmd(story_file, tmp_path / "run", f"--data_dir={data_dir}", "--ckpt_every=2")
+  first = run_cmd(cmd + ["--steps=2"])
+  assert first.returncode == 0, first.stderr[-3000:]
+  (train_file,) = glob.glob(str(data_dir / "**" / "*-train.array_record-*"), recursive=True)
+  size = os.path.getsize(train_file)
+  with open(train_file, "r+b") as f:                   # 4 KiB in the middle overwritten
+    f.seek(size // 2)
+    f.write(np.random.default_rng(0).bytes(4096))
+  damaged = run_cmd(cmd + ["--steps=600"])             # past one epoch: every record is read
+  line = _error_line(damaged)
+  assert line.startswith("error: reading the training data for step ") and "Riegeli" in line
+  assert f"the cached dataset in {os.path.dirname(train_file)} is damaged; delete that folder" in line
+  kept = int(line.split("resumes from step ")[1].rstrip(")"))
+  assert final_params(tmp_path / "run")[0] == kept >= 2
+  shutil.rmtree(os.path.dirname(train_file))
+  again = run_cmd(cmd + [f"--steps={kept + 2}"])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from step {kept}" in again.stdout and final_params(tmp_path / "run")[0] == kept + 2

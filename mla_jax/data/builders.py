@@ -95,6 +95,19 @@ def _expand(path: str) -> list[str]:
   return files
 
 
+def _check_text(path: str) -> None:
+  """A .txt file must be text: binary bytes (NULs, or a run of invalid UTF-8) in its
+  first 64 KiB mean it is something else, which would train on noise."""
+  with open(path, "rb") as f:
+    head = f.read(1 << 16)
+  text = head.decode("utf-8", errors="replace")
+  invalid = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+  if b"\0" in head or invalid > max(4, len(head) // 1000):
+    offset = head.index(b"\0") if b"\0" in head else 0
+    raise ValueError(f"{path} is not text (binary bytes{f' at offset {offset}' if offset else ''}): pass "
+                     "TinyStoriesV2 text (stories separated by <|endoftext|> lines) or the JSON shards")
+
+
 def read_stories(path: str) -> Iterator[str]:
   """Stories from one TinyStories file: V2 text or a JSON shard."""
   if path.endswith(".json"):
@@ -156,24 +169,44 @@ class TinyStories(_Builder):
             "validation": self._generate_examples(c.train_files, True)}
 
   def _generate_examples(self, files, holdout):
-    index = 0
+    index = kept = 0
     for path in files:
       for text in read_stories(path):
         keep = holdout is None or ((index % self.builder_config.holdout_every == 0) == holdout)
         if keep:
+          kept += 1
           yield index, {"text": text}
         index += 1
     if index == 0:
       raise ValueError(f"no stories found in {', '.join(files)}: the file is empty or not "
                        "TinyStories text (stories separated by <|endoftext|> lines) or JSON")
+    if kept == 0:           # one story, held out for validation: nothing left to train on
+      raise ValueError(f"{', '.join(files)} holds {index} stor{'y' if index == 1 else 'ies'}, too few to hold "
+                       f"every {self.builder_config.holdout_every}th out for validation and train on the rest; "
+                       "give more stories, or a validation file with --tinystories_valid")
 
 
 def tinystories_builder(data_dir: str, train: str, valid: str | None = None) -> TinyStories:
   train_files = _expand(train)
   valid_files = _expand(valid) if valid else []
+  for f in train_files + valid_files:
+    if not f.endswith(".json"):
+      _check_text(f)
   name = f"local_{_fingerprint(train_files + valid_files)}"
   config = TinyStoriesConfig(name=name, train_files=tuple(train_files), valid_files=tuple(valid_files))
-  return _quiet(lambda: TinyStories(data_dir=data_dir, config=config))
+  builder = _quiet(lambda: TinyStories(data_dir=data_dir, config=config))
+  if not valid_files and not is_prepared(builder):
+    # checked before TFDS starts writing: reads only until a second story turns up
+    stories = (s for f in train_files for s in read_stories(f))
+    count = sum(1 for _ in zip(range(2), stories))
+    if count == 0:
+      raise ValueError(f"no stories found in {', '.join(train_files)}: the file is empty or not "
+                       "TinyStories text (stories separated by <|endoftext|> lines) or JSON")
+    if count < 2:
+      raise ValueError(f"{train} holds 1 story: too few to hold every "
+                       f"{config.holdout_every}th out for validation and train on the rest; give more stories, or "
+                       "a validation file with --tinystories_valid")
+  return builder
 
 
 # ----------------------------------------------------------------------------- loading

@@ -73,15 +73,7 @@ def load(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise ValueError(f"tokenizer file {path!r} does not exist; pass a SentencePiece .model or a "
                      "Hugging Face tokenizer.json, or leave --tokenizer empty to train one")
-  if os.path.isdir(path):         # a model's folder: its tokenizer.json, or its one .model
-    models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-      return load(os.path.join(path, "tokenizer.json"))
-    if len(models) == 1:
-      return load(os.path.join(path, models[0]))
-    raise ValueError(f"tokenizer folder {path!r} holds no tokenizer.json and "
-                     f"{'no' if not models else len(models)} .model files ({', '.join(models) or 'none'}); "
-                     "pass the tokenizer file itself")
+  path = resolve(path)
   if path.endswith(".json"):
     try:
       with open(path) as f:
@@ -101,6 +93,30 @@ def load(path: str) -> Tokenizer:
   except (RuntimeError, OSError) as e:
     raise ValueError(f"tokenizer file {path!r} is not a SentencePiece model ({e}); pass a "
                      "SentencePiece .model or a Hugging Face tokenizer.json") from None
+
+
+def resolve(path: str) -> str:
+  """The tokenizer file `path` names: itself, or in a model's folder its
+  tokenizer.json or its one .model."""
+  if not os.path.isdir(path):
+    return path
+  models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return os.path.join(path, "tokenizer.json")
+  if len(models) == 1:
+    return os.path.join(path, models[0])
+  raise ValueError(f"tokenizer folder {path!r} holds no tokenizer.json and "
+                   f"{'no' if not models else len(models)} .model files ({', '.join(models) or 'none'}); "
+                   "pass the tokenizer file itself")
+
+
+def fingerprint(path: str) -> str:
+  """sha256 of the tokenizer file: two tokenizers give the same token ids when these agree."""
+  h = hashlib.sha256()
+  with open(resolve(path), "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def train_sentencepiece(texts: Iterable[str], path: str, vocab_size: int, *,
