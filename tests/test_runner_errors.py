@@ -103,6 +103,7 @@ def workspace(tmp_path_factory):
   (root / "b.flags").write_text(f"--steps=3\n--flagfile={root / 'a.flags'}\n")
   (root / "notes.txt").write_text("these are my notes, not a checkpoint\n" * 20)
   (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
+  (root / "empty.txt").write_text("")
   (root / "one_story.txt").write_text("Tom had a ball. The ball was red.\n<|endoftext|>\n")
   _authors_checkpoint(root / "ckpt_nan", nan=True)
   _authors_checkpoint(root / "ckpt_other_config", config={"n_layer": 3})
@@ -158,6 +159,7 @@ def _cases(w):
       (train + ["--data=tinystories", f"--tinystories_train={w}/binary.txt"], "binary.txt is not text"),
       (train + ["--data=tinystories", f"--tinystories_train={w}/one_story.txt"], "holds 1 story: too few"),
       (train + ["--data=tinystories", f"--tinystories_train={w}/missing.txt"], "matches no .txt or .json"),
+      (train + ["--data=tinystories", f"--tinystories_train={w}/empty.txt"], "no stories found"),
       (train + ["--data=tinystories"], "needs --tinystories_train=PATH"),
       # resuming the trained run with flags that change its data, its token ids or its model
       (resume + ["--num_train_stories=60"], "dataset synthetic_stories/n50_v10_s0_g1 -> synthetic_stories/n60"),

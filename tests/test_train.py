@@ -102,7 +102,8 @@ def test_bad_train_configs():
     T.TrainConfig(steps=10, warmup_steps=20)
 
 
-def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.full)])
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path, full):
   config = small_config("mlra4", vocab=64, num_heads=8)
   tc = T.TrainConfig(steps=10, batch_size=8, seq_len=12, warmup_steps=0)
   mesh = sharding.make_mesh("data:2,tensor:2", config)
@@ -112,7 +113,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   ckpt.save(1, state, {"iterator": {"n": 1}}, {"model_config": config.to_dict()})
   ckpt.close()
   saved = _params(state)
-  for spec in ("tensor:4", "data:8", "fsdp:2,tensor:4"):
+  for spec in ("fsdp:2,tensor:4",) + (("tensor:4", "data:8") if full else ()):
     mesh2 = sharding.make_mesh(spec, config)
     _, fresh, shardings2 = T.create_state(config, tc, mesh2)
     abstract = T.abstract_with_shardings(jax.eval_shape(lambda: fresh), shardings2)
@@ -195,28 +196,6 @@ def _error_line(result):
   assert result.returncode == 2, (result.stdout, result.stderr)
   assert "Traceback" not in result.stderr
   return result.stderr.strip().splitlines()[-1]
-
-
-def test_bad_input_is_one_line_and_loses_nothing(story_file, tmp_path):
-  run_dir = tmp_path / "run"
-  ok = run_cmd(train_cmd(story_file, run_dir, "--steps=4", "--ckpt_every=2"))
-  assert ok.returncode == 0, ok.stderr
-  before = sorted(os.listdir(run_dir / "checkpoints"))
-
-  line = _error_line(run_cmd(train_cmd(story_file, run_dir, "--steps=8", "--d_model=64")))
-  assert line.startswith("error:") and "holds checkpoints of a different model (d_model: saved 32, now 64)" in line
-  assert sorted(os.listdir(run_dir / "checkpoints")) == before
-
-  assert "Unknown command line flag 'bogus'" in _error_line(run_cmd(train_cmd(story_file, run_dir, "--bogus=3")))
-  assert "--variant=abc: value should be one of" in _error_line(run_cmd(train_cmd(story_file, run_dir, "--variant=abc")))
-  missing = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/none.txt"
-             for a in train_cmd(story_file, tmp_path / "r2")]
-  assert "matches no .txt or .json file" in _error_line(run_cmd(missing))
-  (tmp_path / "empty.txt").write_text("")
-  empty = [a if not a.startswith("--tinystories_train") else f"--tinystories_train={tmp_path}/empty.txt"
-           for a in train_cmd(story_file, tmp_path / "r3")]
-  assert "no stories found" in _error_line(run_cmd(empty))
-  assert sorted(os.listdir(run_dir / "checkpoints")) == before
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(story_file, tmp_path):
