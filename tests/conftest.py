@@ -1,10 +1,31 @@
 """Test setup: 8 simulated CPU devices (set before JAX starts) and shared helpers."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole suite, its runner subprocesses included:
+# the same tiny models compile in many tests (the runner tests' train, eval and
+# decode steps above all), and a cache hit takes ~3 s where a compile took ~20 s on
+# two busy cores. It holds compiled programs only; what they compute is unchanged.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mla_jax_tests_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The runner tests (subprocesses that train, resume and sweep) take minutes each:
+# started first, they run beside the many short tests instead of after them, so
+# neither pytest-xdist worker idles at the end of the suite.
+RUNNER_FILES = ("test_sweep.py", "test_multiprocess.py", "test_train.py", "test_runner_errors.py",
+                "test_kv_report.py", "test_serve.py", "test_notebook.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  order = {name: i for i, name in enumerate(RUNNER_FILES)}
+  items.sort(key=lambda item: order.get(item.path.name, len(RUNNER_FILES)))    # stable within a file
