@@ -257,3 +257,26 @@ def test_a_bad_metrics_line_before_the_end_is_named(tmp_path):
   with pytest.raises(trainer.RunError, match=r"metrics.jsonl line 2 is not JSON"):
     trainer.read_metrics(str(tmp_path))
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\nnot json\n{"step": 2}\n'   # untouched
+
+
+def test_resume_data_keeps_a_run_on_its_data_and_lets_an_imported_run_take_any(tmp_path):
+  """The decision behind the resume rows of the table, in-process: the same flags
+  resume in place, other data is refused (or with --allow_data_change starts a fresh
+  order), and an imported step-0 run (meta["converted_from"]) takes any data."""
+  import dataclasses
+  from experiments import trainer
+  from experiments.specs import DataSpec
+  from mla_jax import train as T
+  spec = DataSpec(data_dir=str(tmp_path), num_train=50, num_validation=10, vocab_size=512)
+  tc = T.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1)
+  key = trainer.data_key(spec)
+  meta = {"data": key, "tokenizer": trainer.tok.sentencepiece_path(spec.root, key, 512),
+          "train_config": dataclasses.asdict(tc)}
+  assert trainer.resume_data(meta, spec, tc, "run") == (spec, True)
+  other = dataclasses.replace(spec, num_train=60)
+  with pytest.raises(trainer.RunError, match=r"dataset synthetic_stories/n50_v10_s0_g1 -> synthetic_stories/n60"):
+    trainer.resume_data(meta, other, tc, "run")
+  allowed = dataclasses.replace(other, allow_change=True)
+  assert trainer.resume_data(meta, allowed, tc, "run") == (allowed, False)
+  imported = {**meta, "converted_from": "/somewhere/model.safetensors", "data": ""}
+  assert trainer.resume_data(imported, other, dataclasses.replace(tc, seq_len=64), "run") == (other, False)
