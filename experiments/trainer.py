@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -45,12 +46,11 @@ class Data:
 
   def damaged(self, error: Exception, what: str) -> RunError:
     """A read of the built dataset failed (array_record checks every chunk's hash)."""
-    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-    return RunError(f"reading {what} failed ({type(error).__name__}: {first}): the cached dataset in "
+    return RunError(f"reading {what} failed ({T.error_summary(error)}): the cached dataset in "
                     f"{self.directory} is damaged; delete that folder and rerun this command to rebuild it")
 
-  @property
-  def tokenizer_sha256(self) -> str:
+  @functools.cached_property
+  def tokenizer_sha256(self) -> str:         # read once: every checkpoint records it
     path = getattr(self.tokenizer, "path", "")
     return tok.fingerprint(path) if path else ""
 
@@ -332,19 +332,18 @@ def _save_failed(ckpt: T.Checkpoints, step: int, error: Exception) -> RunError:
       thread.join(timeout=30)
   ckpt.manager.reload()
   intact = ckpt.latest_step()
-  first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
   kept = f"step {intact} is intact and the run resumes from it" if intact is not None else "no step was saved"
-  return RunError(f"saving checkpoint step {step} in {ckpt.directory} failed ({type(error).__name__}: {first}); "
+  return RunError(f"saving checkpoint step {step} in {ckpt.directory} failed ({T.error_summary(error)}); "
                   f"{kept}: free disk space (or fix the folder) and rerun this command")
 
 
-def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
-  """The step to resume from, after checking the saved model matches this one
-  (how the run executes, its RunOptions, may change on resume)."""
+def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> tuple[int | None, dict]:
+  """(the step to resume from, its meta), after checking the saved model matches
+  this one (how the run executes, its RunOptions, may change on resume)."""
   while True:
     step = ckpt.latest_step()
     if step is None:
-      return None
+      return None, {}
     try:
       meta = ckpt.read_meta(step)
       break
@@ -354,7 +353,7 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> int | None:
   if diff:
     raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
                    "pass matching model flags to resume it, or a new --output_dir")
-  return step
+  return step, meta
 
 
 # ----------------------------------------------------------------------------- train
@@ -381,10 +380,9 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   os.makedirs(loop.output_dir, exist_ok=True)
   ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
                        async_save=loop.async_checkpoints)
-  resume = check_run_dir(ckpt, config)               # before any data build or compile
+  resume, meta = check_run_dir(ckpt, config)         # before any data build or compile
   keep_position, position = False, None
   if resume is not None:
-    meta = ckpt.read_meta(resume)
     data_spec, keep_position = resume_data(meta, data_spec, tc, loop.output_dir)
   data = prepare_data(data_spec)
   if keep_position and meta.get("tokenizer_sha256") and data.tokenizer_sha256 != meta["tokenizer_sha256"]:
@@ -401,7 +399,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
                                     rows=pipeline.process_rows(tc.batch_size, rank, processes))
   while resume is not None:
     try:
-      if "converted_from" in ckpt.read_meta(resume):
+      if "converted_from" in meta:
         # an imported checkpoint: its weights, a fresh optimizer and data order
         state = {**state, "params": _restore_params(ckpt, resume, state, shardings)}
       else:
@@ -414,7 +412,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
       raise
     except Exception as e:  # noqa: BLE001 - a truncated or missing file: set the step aside, fall back
       _damaged(ckpt, resume, e)
-      resume = check_run_dir(ckpt, config)
+      resume, meta = check_run_dir(ckpt, config)
   if position is not None:     # outside the fallback: a position this process cannot take is not damage
     iterator.set_state(position)
   start = resume or 0

@@ -260,8 +260,7 @@ class Checkpoints:
     missing = self.missing(step)
     if missing:
       return f"{', '.join(missing)} missing"
-    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"
+    return error_summary(error)
 
   def set_aside(self, step: int) -> str:
     """Move a damaged step out of orbax's sight, never deleting it: checkpoints/N
@@ -328,6 +327,12 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def error_summary(error: Exception, width: int = 160) -> str:
+  """'Type: first line of the message', for one-line reports of a library's error."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:width] if lines else ''}"
 
 
 def abstract_with_shardings(state_shapes, shardings):
