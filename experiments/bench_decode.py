@@ -2,7 +2,7 @@
 a grid of batch sizes and context lengths.
 
 For every cell it prints the step latency, tokens/s, the bytes of KV cache the
-step must read (cache elements per token x layers x batch x context x bytes)
+step must read (cache bytes per token, scales included, x layers x batch x context)
 beside XLA's "bytes accessed" for the same compiled step, and on a GPU the
 achieved cache bandwidth as a fraction of the device's peak. On a CPU the
 Pallas kernels would run in interpret mode, which times Python, not the kernel:
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import compat, sharding
+from mla_jax import compat, quant, sharding
+from mla_jax.attention.base import cache_layout
 from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.model import Transformer, with_options
 
@@ -75,15 +76,14 @@ def bench(config: ModelConfig, *, impls, batches, contexts, steps: int = 10, war
   steps over a full cache (`options` give the cache dtype; `impls` the paths)."""
   mesh = sharding.make_mesh(mesh_spec, config)
   base = sharding.shard_module(Transformer(config, rngs=nnx.Rngs(seed), options=options), mesh)
-  cache_dtype = options.cache_jnp_dtype
-  itemsize = jnp.dtype(cache_dtype).itemsize
+  per_token = quant.layout_bytes_per_token(cache_layout(config.attention, options.cache_format))
   peak = peak_bandwidth() if compat.on_gpu() else None
   cells = []
   for impl in impls:
     for batch in batches:
       for context in contexts:
         cell = Cell(impl, batch, context,
-                    cache_bytes=config.cache_elements_per_token() * config.num_layers * batch * context * itemsize)
+                    cache_bytes=per_token * config.num_layers * batch * context)
         cells.append(cell)
         if impl == "pallas" and not compat.on_gpu():
           cell.skipped = "no GPU: the Pallas kernels would run in interpret mode"

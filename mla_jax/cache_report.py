@@ -26,8 +26,8 @@ import numpy as np
 
 from flax import nnx
 
-from mla_jax import compat, hlo, sharding
-from mla_jax.attention.base import cache_axes, init_cache
+from mla_jax import compat, hlo, quant, sharding
+from mla_jax.attention.base import cache_axes, cache_layout, init_cache
 from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.model import Block, count_params
 
@@ -42,7 +42,7 @@ class Row:
   params: int
   non_embedding_params: int
   cache_elements_per_token: int          # per layer, whole model (all devices together)
-  cache_bytes_per_token: int             # per layer
+  cache_bytes_per_token: int             # per layer, in the options' cache format (scales included)
   cache_bytes_total: int                 # all layers, the given batch and context
   mesh: str = ""                         # tensor x tensor_rep actually used
   per_device_elements_per_token: int | None = None   # per layer, measured on the device buffers
@@ -57,6 +57,11 @@ class Row:
   step_collective_bytes: int | None = None
   step_collective_dh: float | None = None  # collective elements per token, in units of d_h
   step_collectives: str = ""             # e.g. "all-reduce x2"
+  # ---- per layer per token in each cache format, scales included (None: the variant cannot hold it)
+  bytes_per_token_float32: int | None = None
+  bytes_per_token_bfloat16: int | None = None
+  bytes_per_token_fp8: int | None = None
+  bytes_per_token_int8: int | None = None
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -74,15 +79,19 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
   cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices);
   with `compiled`, also from one block's compiled decode step at `batch` x `context`."""
   devices = list(jax.devices("cpu") if devices is None else devices)
-  cache_dtype = options.cache_jnp_dtype
-  itemsize = jnp.dtype(cache_dtype).itemsize
+  fmt = options.cache_format
   out = []
   for name, config in configs.items():
     counts = count_params(config)
-    per_token = config.cache_elements_per_token()
+    per_token = quant.layout_bytes_per_token(cache_layout(config.attention, fmt))
     base = dict(variant=name, params=counts["total"], non_embedding_params=counts["non_embedding"],
-                cache_elements_per_token=per_token, cache_bytes_per_token=per_token * itemsize,
-                cache_bytes_total=per_token * itemsize * config.num_layers * batch * context)
+                cache_elements_per_token=config.cache_elements_per_token(), cache_bytes_per_token=per_token,
+                cache_bytes_total=per_token * config.num_layers * batch * context)
+    for f in quant.FORMATS:
+      try:
+        base[f"bytes_per_token_{f}"] = quant.layout_bytes_per_token(cache_layout(config.attention, f))
+      except ValueError:
+        pass
     for tp in tps:
       row = Row(tp=tp, **base)
       if tp > len(devices):
@@ -98,22 +107,24 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
       sizes = sharding.axis_sizes(mesh)
       row.mesh = f"{sizes['tensor']}x{sizes['tensor_rep']}"
       # A small cache is enough: the layout per token does not depend on length.
-      cache = sharding.place_cache(config, mesh, batch=1, max_len=8, dtype=cache_dtype)
-      elements = sum(sharding.per_device_cache_elements(cache).values())
+      cache = sharding.place_cache(config, mesh, batch=1, max_len=8, fmt=fmt)
+      elements = sum(n for k, n in sharding.per_device_cache_elements(cache).items() if not k.endswith(quant.SCALE))
       row.per_device_elements_per_token = elements
       row.per_device_dh = elements / head_unit(config)
-      row.per_device_bytes_total = elements * itemsize * config.num_layers * batch * context
+      row.per_device_bytes_total = (sharding.per_device_cache_bytes(cache) * config.num_layers * batch
+                                    * context)
       if compiled:
         _add_compiled(row, config, mesh, batch=batch, context=context, options=options)
       out.append(row)
   return out
 
 
-def _shard_bytes(abstract, shardings) -> int:
+def _shard_bytes(abstract, shardings, itemsize: bool = True) -> int:
+  """Bytes (or with itemsize=False elements) of one device's shards of `abstract`."""
   total = 0
   for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
     shape = s.shard_shape(x.shape)
-    total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+    total += int(np.prod(shape)) * (jnp.dtype(x.dtype).itemsize if itemsize else 1)
   return total
 
 
@@ -126,8 +137,8 @@ def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int,
   graphdef, state = nnx.split(block)
   state_sh = sharding.state_shardings(state, mesh)
   params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sh)
-  cache_shapes = jax.eval_shape(lambda: init_cache(config.attention, batch, context, options.cache_jnp_dtype))
-  axes = cache_axes(config.attention)
+  cache_shapes = jax.eval_shape(lambda: init_cache(config.attention, batch, context, options.cache_format))
+  axes = cache_axes(config.attention, options.cache_format)
   cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named_sharding(
       mesh, axes[k], v.shape, what=f"cache/{k}")) for k, v in cache_shapes.items()}
   x = jax.ShapeDtypeStruct((batch, 1, config.d_model), options.compute_dtype,
@@ -145,14 +156,15 @@ def compile_block_decode(config: ModelConfig, mesh, *, batch: int, context: int,
 
 
 def _add_compiled(row: Row, config: ModelConfig, mesh, *, batch, context, options):
-  cache_dtype = options.cache_jnp_dtype
   compiled, (params, x, cache, lengths) = compile_block_decode(config, mesh, batch=batch, context=context,
                                                                options=options)
   in_sh = compiled.input_shardings[0]          # as compiled: (state, x, cache, lengths)
   unit = head_unit(config)
   local_batch = batch // sharding.axis_sizes(mesh)["data"] // sharding.axis_sizes(mesh)["fsdp"] or 1
   row.step_cache_bytes = _shard_bytes(cache, in_sh[2])
-  row.step_cache_dh = row.step_cache_bytes / jnp.dtype(cache_dtype).itemsize / (local_batch * context) / unit
+  values = [k for k in cache if not k.endswith(quant.SCALE)]                     # elements: the scales aside
+  elements = _shard_bytes([cache[k] for k in values], [in_sh[2][k] for k in values], itemsize=False)
+  row.step_cache_dh = elements / (local_batch * context) / unit
   row.step_weight_bytes = _shard_bytes(params, in_sh[0])
   row.step_bytes_accessed = int(compat.cost_analysis(compiled).get("bytes accessed", 0))
   colls = hlo.collectives(compiled.as_text())
@@ -200,7 +212,17 @@ def table(report: Sequence[Row], *, batch: int, context: int, layers: int) -> st
                  f"{_fmt_bytes(first.cache_bytes_total):>12} " + " ".join(cells) + " " + " ".join(bytes_cells))
   if notes:
     lines += ["", "n/a:"] + [f"  {n}" for n in notes]
+  lines += ["", "bytes per token per layer in each cache format (8-bit: scales included, the rope key in bf16)",
+            f"{'variant':<{w}} " + " ".join(f"{f:>9}" for f in quant.FORMATS)]
+  for v in variants:
+    first = by[(v, tps[0])]
+    lines.append(f"{v:<{w}} " + " ".join(f"{_or_na(getattr(first, 'bytes_per_token_' + f)):>9}"
+                                        for f in quant.FORMATS))
   return "\n".join(lines)
+
+
+def _or_na(n: int | None) -> str:
+  return "n/a" if n is None else f"{n:,}"
 
 
 def traffic_table(report: Sequence[Row], *, batch: int, context: int, decode_impl: str) -> str:

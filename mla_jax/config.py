@@ -8,7 +8,8 @@
 Every field carries its help text (`option(default, help)`): `experiments/options.py`
 turns the fields into the runner's flags, so a field added here is a flag with no
 second definition. Defaults describe the runner's small model. This module imports
-nothing of mla_jax: the variant registry (`mla_jax.registry`) sits above it.
+nothing of mla_jax but the cache formats (`mla_jax.quant`, which imports nothing):
+the variant registry (`mla_jax.registry`) sits above it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import math
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
+
+from mla_jax import quant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CONFIG_VERSION = 2   # of ModelConfig.to_dict(); mla_jax.registry.migrate reads older ones
@@ -160,8 +163,13 @@ class RunOptions:
   decode_impl: str = option("auto", "Decode path: naive (re-expand K/V), absorbed (XLA, latent-only), pallas "
                             "(the GPU kernels; interpret mode elsewhere), auto (pallas on GPUs where shapes "
                             "allow, absorbed elsewhere).", choices=("naive", "absorbed", "pallas", "auto"))
-  cache_dtype: str = option("auto", "KV-cache dtype (auto: bfloat16 on GPUs, where the decode kernels read it "
-                            "at half the bytes; float32 elsewhere).", choices=("auto", "float32", "bfloat16"))
+  cache_dtype: str = option("auto", "KV-cache format: float32, bfloat16, or 8 bits with a float32 scale per "
+                            "token and tile of at most 128 values (fp8 = e4m3, int8), the rope key then in "
+                            "bfloat16 (see --quantize_rope_key); auto: bfloat16 on GPUs, float32 elsewhere. "
+                            "Also spelt fp32, bf16, e4m3.",
+                            choices=("auto", "float32", "bfloat16", "fp8", "int8") + tuple(quant.ALIASES))
+  quantize_rope_key: bool = option(False, "With an 8-bit --cache_dtype, quantize the rope key too (default: "
+                                   "it stays in bfloat16).")
 
   def __post_init__(self):
     for name in ("dtype", "remat", "attention_impl", "decode_impl", "cache_dtype"):
@@ -170,17 +178,21 @@ class RunOptions:
             f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
     check(self.causal_chunks >= 0,
           f"causal_chunks must be >= 0 (0 = automatic, 1 = one block), got {self.causal_chunks}")
+    object.__setattr__(self, "cache_dtype", quant.ALIASES.get(self.cache_dtype, self.cache_dtype))
 
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
   @property
-  def cache_jnp_dtype(self):
-    if self.cache_dtype == "auto":    # the config imports nothing of ours: ask jax for the backend itself
+  def cache_format(self) -> quant.Format:
+    """What the KV cache stores (mla_jax.quant)."""
+    name = self.cache_dtype
+    if name == "auto":                # ask jax for the backend itself (this module imports no device code)
       import jax
-      return DTYPES["bfloat16" if jax.default_backend() == "gpu" else "float32"]
-    return DTYPES[self.cache_dtype]
+      name = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    fmt = quant.FORMATS[name]
+    return dataclasses.replace(fmt, rope_key=True) if self.quantize_rope_key and fmt.scaled else fmt
 
   def replace(self, **changes) -> "RunOptions":
     return dataclasses.replace(self, **changes)

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax import compat
+from mla_jax import compat, quant
+from mla_jax.attention.base import cache_layout
 from mla_jax.config import option
 from mla_jax.paging import PagePool
 
@@ -216,8 +217,8 @@ def device_memory_bytes() -> int:
 def check_pool_fits(config, options, num_pages: int, page_size: int, *, max_seqs: int, max_len: int) -> None:
   """Refuse (one line) page pools larger than the device, before anything is
   allocated or compiled: `Transformer.init_pages`' arrays, every layer's."""
-  need = (num_pages * page_size * config.cache_elements_per_token() * config.num_layers
-          * jnp.dtype(options.cache_jnp_dtype).itemsize)
+  need = (num_pages * page_size * config.num_layers
+          * quant.layout_bytes_per_token(cache_layout(config.attention, options.cache_format)))
   have = device_memory_bytes()
   if need > have:
     raise ValueError(f"the KV cache for {max_seqs:,} sequence(s) of up to {max_len:,} tokens needs "

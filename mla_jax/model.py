@@ -132,24 +132,25 @@ class Transformer(nnx.Module):
         x = fn(layer, x)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Zero caches of fixed shape [batch, max_len, ...] (dtype: the options'
-    cache_dtype): one dict per layer, or with scan_layers one dict of arrays
-    stacked [layers, batch, max_len, ...]."""
-    dtype = self.options.cache_jnp_dtype if dtype is None else dtype
+  def init_cache(self, batch: int, max_len: int, fmt=None):
+    """Zero caches of fixed shape [batch, max_len, ...] in the cache format `fmt`
+    (a name, dtype or `quant.Format`; default: the options' --cache_dtype): one
+    dict per layer, or with scan_layers one dict of arrays stacked [layers,
+    batch, max_len, ...]."""
+    fmt = self.options.cache_format if fmt is None else fmt
     if self.config.flavour == "gpt2" and max_len > self.config.max_seq_len:
       raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len} "
                        "(the GPT-2 flavour's position table); generate fewer tokens or "
                        "raise max_seq_len")
-    one = lambda: init_cache(self.config.attention, batch, max_len, dtype)  # noqa: E731
+    one = lambda: init_cache(self.config.attention, batch, max_len, fmt)  # noqa: E731
     if self.config.scan_layers:
-      axes = self.cache_axes()
+      axes = self.cache_axes(fmt)
       return {k: constrain(jnp.broadcast_to(v, (self.config.num_layers,) + v.shape), axes[k])
               for k, v in one().items()}
     return [one() for _ in range(self.config.num_layers)]
 
-  def cache_axes(self):
-    axes = cache_axes(self.config.attention)
+  def cache_axes(self, fmt=None):
+    axes = cache_axes(self.config.attention, self.options.cache_format if fmt is None else fmt)
     if self.config.scan_layers:
       return {k: ("layers",) + v for k, v in axes.items()}
     return [axes for _ in range(self.config.num_layers)]
@@ -186,13 +187,13 @@ class Transformer(nnx.Module):
     x, cache = self._run_cached(x, cache, lambda block, x, c: block.step(x, c, lengths, pages))
     return self._logits(x), cache
 
-  def init_pages(self, num_pages: int, page_size: int, dtype=None):
-    """Zero page pools [num_pages, page_size, ...] per cache array (dtype: the
-    options' cache_dtype), laid out per layer like `init_cache`."""
-    dtype = self.options.cache_jnp_dtype if dtype is None else dtype
-    one = lambda: init_pages(self.config.attention, num_pages, page_size, dtype)  # noqa: E731
+  def init_pages(self, num_pages: int, page_size: int, fmt=None):
+    """Zero page pools [num_pages, page_size, ...] per cache array in the cache
+    format `fmt` (default: the options' --cache_dtype), laid out per layer like `init_cache`."""
+    fmt = self.options.cache_format if fmt is None else fmt
+    one = lambda: init_pages(self.config.attention, num_pages, page_size, fmt)  # noqa: E731
     # a pool has no batch axis (any page serves any sequence): split by its per-token axes only
-    pool_axes = self.cache_axes()
+    pool_axes = self.cache_axes(fmt)
     if self.config.scan_layers:
       return {k: constrain(jnp.broadcast_to(v, (self.config.num_layers,) + v.shape),
                            ("layers", None, None) + pool_axes[k][3:]) for k, v in one().items()}

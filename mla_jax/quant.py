@@ -13,6 +13,13 @@ whole latent block or KV head where that is at most 128 wide, otherwise 128
 the 64-wide rope key in bf16, 656 bytes against 1152), so a tile never crosses
 a latent block and a block's scales travel with it to its tensor-parallel shard.
 
+Which arrays of a variant's cache take the 8-bit format (`layout`): every one
+whose rows a scale pays for, i.e. where `w` 8-bit values and `w / tile` fp32
+scales take fewer bytes than `w` bf16 values (TPA's A factors, a few values per
+head, stay in bf16), except the rope key, kept in bf16 unless the format says
+otherwise (`Format.rope_key`): it carries the position and is small (64 of
+576 at DeepSeek's shape).
+
 Error bounds per element, in units of its tile's scale s (tests/test_quant.py):
 int8 rounds to the nearest of 255 levels, |x' - x| <= s / 2; fp8 e4m3 keeps 3
 mantissa bits, |x' - x| <= 2^-4 |x| for |x| / s >= 2^-6 (normal numbers) and
@@ -21,10 +28,13 @@ mantissa bits, |x' - x| <= 2^-4 |x| for |x| / s >= 2^-6 (normal numbers) and
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
 
 TILE = 128
+SCALE = "_scale"            # the scales of cache array NAME are cache array NAME + SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +42,7 @@ class Format:
   name: str
   storage: jnp.dtype        # what the cache holds per element
   qmax: float               # the largest stored magnitude (0: stored as is, no scales)
+  rope_key: bool = False    # scaled formats: quantize the rope key too (default: bf16)
 
   @property
   def scaled(self) -> bool:
@@ -49,6 +60,25 @@ FORMATS = {
     "int8": Format("int8", jnp.int8, 127.0),
 }
 SCALE_DTYPE = jnp.float32
+UNSCALED = jnp.bfloat16     # what a scaled format stores the arrays it does not quantize in
+# Other spellings --cache_dtype accepts.
+ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "e4m3": "fp8", "fp8_e4m3": "fp8",
+           "float8_e4m3fn": "fp8"}
+
+
+def cache_format(spec: "Format | str | jnp.dtype") -> Format:
+  """A format from itself, its name (or an alias) or a float dtype."""
+  if isinstance(spec, Format):
+    return spec
+  if isinstance(spec, str):
+    name = ALIASES.get(spec, spec)
+    if name not in FORMATS:
+      raise ValueError(f"unknown cache format {spec!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+  for fmt in FORMATS.values():
+    if jnp.dtype(spec) == jnp.dtype(fmt.storage):
+      return fmt
+  raise ValueError(f"no cache format stores {jnp.dtype(spec).name}; choose one of {', '.join(FORMATS)}")
 
 
 def tile_width(width: int) -> int:
@@ -58,6 +88,46 @@ def tile_width(width: int) -> int:
   if width % TILE:
     raise ValueError(f"a block {width} wide splits into no whole tiles of {TILE}: use a multiple of {TILE}")
   return TILE
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+  """One cache array: per-token shape, logical axes, dtype, and the tile its
+  scales cover (0: not scaled, or the scales themselves)."""
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  dtype: jnp.dtype
+  tile: int = 0
+
+
+def layout(spec: dict, fmt: Format, variant: str = "this variant") -> dict[str, Stored]:
+  """A variant's cache arrays (`AttentionConfig.cache_spec()`: name -> (shape,
+  axes)) as stored in `fmt`, the scale arrays included: NAME + SCALE holds one
+  scale per token per tile of NAME's last axis. Raises a one-line ValueError
+  when a row cannot be tiled (a width over TILE that is no multiple of it)."""
+  out = {}
+  for name, (shape, axes) in spec.items():
+    shape, axes, width = tuple(shape), tuple(axes), shape[-1]
+    if not fmt.scaled:
+      out[name] = Stored(shape, axes, fmt.storage)
+      continue
+    pays = width * fmt.element_bytes + jnp.dtype(SCALE_DTYPE).itemsize < width * jnp.dtype(UNSCALED).itemsize
+    if (name == "rope_key" and not fmt.rope_key) or not pays:
+      out[name] = Stored(shape, axes, UNSCALED)
+      continue
+    try:
+      tile = tile_width(width)
+    except ValueError as e:
+      raise ValueError(f"cache_dtype={fmt.name} cannot hold {variant}'s {name}: {e}; formats that work for it: "
+                       "float32, bfloat16") from None
+    out[name] = Stored(shape, axes, fmt.storage, tile)
+    out[name + SCALE] = Stored(shape[:-1] + (width // tile,), axes[:-1] + (None,), SCALE_DTYPE)
+  return out
+
+
+def layout_bytes_per_token(stored: dict[str, Stored]) -> int:
+  """Cache bytes per token of one layer, scales included."""
+  return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in stored.values())
 
 
 def quantize(x: jnp.ndarray, fmt: Format, tile: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -74,14 +144,55 @@ def quantize(x: jnp.ndarray, fmt: Format, tile: int) -> tuple[jnp.ndarray, jnp.n
   return y.astype(fmt.storage).reshape(x.shape), scale.astype(SCALE_DTYPE)
 
 
-def dequantize(values: jnp.ndarray, scales: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
-  """The inverse of `quantize` (up to its rounding), in `dtype`."""
-  n, tiles = values.shape[-1], scales.shape[-1]
-  tiled = values.astype(dtype).reshape(values.shape[:-1] + (tiles, n // tiles))
-  return (tiled * scales.astype(dtype)[..., None]).reshape(values.shape)
+def dequantize(values: jnp.ndarray, scales: jnp.ndarray, dtype=jnp.float32, tile: int | None = None) -> jnp.ndarray:
+  """The inverse of `quantize` (up to its rounding), in `dtype`. `tile` (default:
+  the whole tiles the shapes imply) lets `values` be a prefix of the tiled row."""
+  n = values.shape[-1]
+  tile = n // scales.shape[-1] if tile is None else tile
+  return values.astype(dtype) * jnp.repeat(scales.astype(dtype), tile, axis=-1)[..., :n]
 
 
-def bytes_per_token(elements: int, fmt: Format, tile: int) -> int:
-  """Cache bytes of `elements` values of one token, scales included."""
-  scales = elements // tile if fmt.scaled else 0
-  return elements * fmt.element_bytes + scales * jnp.dtype(SCALE_DTYPE).itemsize
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+  """A cache array as the attention core reads it: `values` in the format's
+  storage dtype and `scales` [..., tiles] (each an array, or a paged pool the
+  kernels read through a table); element i of a row is values[i] * scales[i // tile]."""
+  values: object
+  scales: object
+  tile: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  @property
+  def ndim(self) -> int:
+    return self.values.ndim
+
+  def map(self, fn) -> "Quantized":
+    """`fn` applied to values and scales alike: it may move, split or merge the
+    leading axes, never the last (the row)."""
+    return Quantized(fn(self.values), fn(self.scales), self.tile)
+
+  def prefix(self, n: int) -> "Quantized":
+    """The first n elements of every row (with the scales of the tiles they touch)."""
+    return Quantized(self.values[..., :n], self.scales[..., :-(-n // self.tile)], self.tile)
+
+  def dequantize(self, dtype=jnp.float32) -> jnp.ndarray:
+    return dequantize(self.values, self.scales, dtype, self.tile)
+
+
+def map_rows(fn, a):
+  """`fn` on an array, or on a `Quantized` array's values and scales."""
+  return a.map(fn) if isinstance(a, Quantized) else fn(a)
+
+
+def prefix(a, n: int):
+  """The first n elements of the last axis of an array or a `Quantized` one."""
+  return a.prefix(n) if isinstance(a, Quantized) else a[..., :n]
+
+
+def dequantized(a, dtype):
+  """An array as `dtype`: a `Quantized` one dequantized, any other cast."""
+  return a.dequantize(dtype) if isinstance(a, Quantized) else a.astype(dtype)

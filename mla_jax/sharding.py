@@ -221,15 +221,14 @@ def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 
   return good
 
 
-def place_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=None):
-  """Allocate one layer's cache for `config` (a ModelConfig) directly on `mesh`,
-  each array sharded by its logical axes (no weights needed)."""
+def place_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, fmt="float32"):
+  """Allocate one layer's cache for `config` (a ModelConfig) in the cache format
+  `fmt` directly on `mesh`, each array sharded by its logical axes (no weights needed)."""
   attn = config.attention
-  dtype = jnp.float32 if dtype is None else dtype
-  abstract = jax.eval_shape(lambda: init_cache(attn, batch, max_len, dtype))
+  abstract = jax.eval_shape(lambda: init_cache(attn, batch, max_len, fmt))
   shardings = {name: named_sharding(mesh, axes, abstract[name].shape, what=f"cache/{name}")
-               for name, axes in cache_axes(attn).items()}
-  return jax.jit(lambda: init_cache(attn, batch, max_len, dtype), out_shardings=shardings)()
+               for name, axes in cache_axes(attn, fmt).items()}
+  return jax.jit(lambda: init_cache(attn, batch, max_len, fmt), out_shardings=shardings)()
 
 
 def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
@@ -240,3 +239,8 @@ def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
     shard = x.addressable_shards[0].data
     out[name] = int(np.prod(shard.shape[2:]))
   return out
+
+
+def per_device_cache_bytes(cache: Mapping[str, jax.Array]) -> int:
+  """Bytes per token of one device's share of `cache` (every array, scales included)."""
+  return sum(n * cache[name].dtype.itemsize for name, n in per_device_cache_elements(cache).items())

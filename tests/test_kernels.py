@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_model, small_config
-from mla_jax import sharding, with_options
+from mla_jax import quant, sharding, with_options
 from mla_jax.generate import generate
 from mla_jax.kernels import jax_decode
 from mla_jax.kernels import latent_decode as K
@@ -25,6 +25,12 @@ LENGTHS = [1, 16, 17, 77]      # one key, a page exactly, one past a page bounda
 FAMILY = {"mla": lambda h: (1, 1, h), "gla2": lambda h: (2, 2, h // 2), "gla4": lambda h: (4, 4, h // 4),
           "mlra2": lambda h: (4, 2, h // 2), "mlra4": lambda h: (4, 1, h)}
 BLOCKS = {"mla": 1, "gla2": 2, "gla4": 4, "mlra2": 4, "mlra4": 4}
+
+
+def _full(cases, ci):
+  """`cases`, those not in `ci` marked full."""
+  return [c if c in ci else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.full)
+          for c in cases]
 
 
 def _inputs(variant, heads, latent_dim, rope_dim, queries, dtype, paged, seed=0):
@@ -161,6 +167,70 @@ def test_split_partials_each_cover_their_own_live_keys():
       assert sum(float(l[s, b].max()) > 0 for s in range(splits)) == min(splits, tiles)
 
 
+# ------------------------------------------------------------------ 8-bit caches
+
+
+def _stored_8bit(args, fmt, rope_too):
+  """`_inputs`' cache as an 8-bit cache stores it (mla_jax.quant: tiles of at most
+  128, the rope key in bf16 unless `rope_too`): the kernel's arguments, and the
+  values it holds as a dense float64 cache for the NumPy reference."""
+  q_lat, q_rope, latent, rope, lens, table = args
+  latent, latent_scales = quant.quantize(latent, quant.FORMATS[fmt], quant.tile_width(latent.shape[-1]))
+  rope_scales = None
+  if rope is not None:
+    if rope_too:
+      rope, rope_scales = quant.quantize(rope, quant.FORMATS[fmt], rope.shape[-1])
+    else:
+      rope = rope.astype(jnp.bfloat16)
+  held = [np.asarray(quant.dequantized(a if s is None else quant.Quantized(a, s, a.shape[-1] // s.shape[-1]),
+                                       jnp.float32), np.float64) if a is not None else None
+          for a, s in ((latent, latent_scales), (rope, rope_scales))]
+  if table is not None:                         # pools -> each sequence's tokens, as the table orders them
+    held = [None if a is None else a[np.asarray(table)].reshape((table.shape[0], -1) + a.shape[2:]) for a in held]
+  return (q_lat, q_rope, latent, rope, lens, table, latent_scales, rope_scales), held
+
+
+def check_kernel_8bit(variant, heads, latent_dim, rope_dim, queries, fmt, paged, rope_too=False):
+  args, dense = _inputs(variant, heads, latent_dim, rope_dim, queries, jnp.float32, paged)
+  args, (latent, rope) = _stored_8bit(args, fmt, rope_too)
+  scale = (128 + rope_dim) ** -0.5
+  got, lse = K.latent_attention(*args, scale=scale, queries=queries, interpret=True)
+  want, want_lse = _numpy_attention(dense[0], dense[1], latent, rope, np.asarray(args[4]), queries, scale)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=0, atol=1e-4)
+
+
+# CI: a latent of two scale tiles (256) paged, MLRA-4's blocks, a quantized rope key, several queries
+CI_8BIT = [("mla", 16, 256, 64, 1, "fp8", True, False), ("mlra4", 24, 128, 64, 2, "int8", False, False),
+           ("gla2", 16, 128, 32, 1, "int8", True, True)]
+FULL_8BIT = [(v, h, d, r, 1 + i % 3, fmt, i % 2 == 0, i % 3 == 0)
+             for i, (v, h, (d, r)) in enumerate((v, h, w) for v in FAMILY for h in (16, 24)
+                                                for w in ((512, 64), (128, 64), (64, 16)))
+             for fmt in ("fp8", "int8")]
+
+
+@pytest.mark.parametrize("variant,heads,latent_dim,rope_dim,queries,fmt,paged,rope_too",
+                         _full(CI_8BIT + [c for c in FULL_8BIT if c not in CI_8BIT], CI_8BIT))
+def test_kernel_over_an_8bit_cache_matches_numpy_over_its_values(variant, heads, latent_dim, rope_dim, queries,
+                                                                 fmt, paged, rope_too):
+  """Dequantized per tile where it is loaded, in the queries' fp32: the kernel
+  adds no error beyond the values the cache holds."""
+  check_kernel_8bit(variant, heads, latent_dim, rope_dim, queries, fmt, paged, rope_too)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("variant,heads,latent_dim,rope_dim,paged", [("mla", 128, 512, 64, True),
+                                                                      ("mlra4", 24, 512, 64, False)])
+def test_kernel_over_an_8bit_cache_lowers_for_cuda(variant, heads, latent_dim, rope_dim, paged, fmt):
+  """bf16 queries over fp8/int8 tiles with fp32 scales (FlashMLA's layout at DeepSeek's shape)."""
+  args, _ = _inputs(variant, heads, latent_dim, rope_dim, 1, jnp.bfloat16, paged)
+  args, _ = _stored_8bit(tuple(a if a is None or i in (0, 1, 4, 5) else a.astype(jnp.float32)
+                               for i, a in enumerate(args)), fmt, rope_too=False)
+  shapes = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  fn = functools.partial(K.latent_attention_fn, scale=0.1, queries=1)
+  assert "__gpu$xla.gpu.triton" in _cuda_lowering(fn, *shapes)
+
+
 # ------------------------------------------------------------------ bytes loaded
 
 
@@ -277,12 +347,6 @@ def _kernel_config(variant, **kw):
   if variant == "mfa":
     return small_config(variant, head_dim=16, **kw)
   return small_config(variant, head_dim=16, **kw)
-
-
-def _full(cases, ci):
-  """`cases`, those not in `ci` marked full."""
-  return [c if c in ci else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.full)
-          for c in cases]
 
 
 # CI: one latent (MLA), one MLRA, one JAX-op (GQA) family; the rest behind -m full

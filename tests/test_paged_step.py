@@ -34,9 +34,9 @@ def _dense_step(model, tokens, cache, lengths):
   return model.step(tokens, cache, lengths)
 
 
-def kernel_config(variant):
+def kernel_config(variant, **kw):
   """Widths the Triton latent kernel takes (powers of 2 >= 16)."""
-  return small_config(variant, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16)
+  return small_config(variant, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16, **kw)
 
 
 def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=False, seed=0):

@@ -1,6 +1,9 @@
 """8-bit cache formats: a NumPy oracle (ml_dtypes' fp8 cast), and round-trip error
 bounds derived from the formats themselves: int8 half a step of scale/127, fp8
 e4m3 2^-4 relative for normal numbers and 2^-10 of the scale for subnormals."""
+import dataclasses
+
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -89,9 +92,18 @@ def test_tiles_and_bytes_per_token():
   with pytest.raises(ValueError, match="a block 192 wide splits into no whole tiles of 128"):
     quant.tile_width(192)
   # MLA at DeepSeek's shape: a 512-wide latent and a 64-wide rope key per token
-  bf16 = quant.bytes_per_token(512, quant.FORMATS["bfloat16"], 512) + 64 * 2
-  fp8 = quant.bytes_per_token(512, quant.FORMATS["fp8"], quant.tile_width(512)) + 64 * 2
-  assert (bf16, fp8) == (1152, 656)                        # FlashMLA's two layouts
-  assert quant.bytes_per_token(512, quant.FORMATS["int8"], 128) == 512 + 4 * 4
+  mla = {"kv_latent": ((1, 512), ("latent_blocks", "latent_dim")), "rope_key": ((64,), ("rope_dim",))}
+  per_token = {name: quant.layout_bytes_per_token(quant.layout(mla, quant.FORMATS[name])) for name in quant.FORMATS}
+  assert (per_token["bfloat16"], per_token["fp8"]) == (1152, 656)            # FlashMLA's two layouts
+  assert per_token == {"float32": 2304, "bfloat16": 1152, "fp8": 656, "int8": 656}
+  rope_too = dataclasses.replace(quant.FORMATS["int8"], rope_key=True)
+  assert quant.layout_bytes_per_token(quant.layout(mla, rope_too)) == 512 + 4 * 4 + 64 + 4
+  # TPA's A factors (2 values per head) would cost more with a scale than in bf16
+  tpa = {"key_a": ((4, 2), ("kv_heads", "tpa_rank")), "key_b": ((2, 32), ("tpa_rank", "head_dim"))}
+  stored = quant.layout(tpa, quant.FORMATS["fp8"])
+  assert (stored["key_a"].dtype, stored["key_b"].tile, stored["key_b_scale"].shape) == (jnp.bfloat16, 32, (2, 1))
+  with pytest.raises(ValueError, match="cache_dtype=int8 cannot hold MLA's kv_latent: a block 192 wide .*"
+                                       "formats that work for it: float32, bfloat16"):
+    quant.layout({"kv_latent": ((1, 192), (None, None))}, quant.FORMATS["int8"], "MLA")
   with pytest.raises(ValueError, match="not a whole number of tiles"):
     quant.quantize(np.ones((2, 48), np.float32), quant.FORMATS["int8"], 32)

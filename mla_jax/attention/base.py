@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax import quant
 from mla_jax.attention import core
 from mla_jax.config import AttentionConfig, RunOptions
 from mla_jax.paging import NULL_PAGE
@@ -31,23 +32,56 @@ from mla_jax.rules import constrain
 Cache = dict[str, jax.Array]
 
 
-def cache_axes(config: AttentionConfig) -> dict[str, tuple[str | None, ...]]:
+def cache_layout(config: AttentionConfig, fmt="float32") -> dict[str, quant.Stored]:
+  """Every cache array of `config` stored in the cache format `fmt` (a name, a
+  dtype or a `quant.Format`), the scales of quantized arrays included."""
+  return quant.layout(config.cache_spec(), quant.cache_format(fmt), config.variant)
+
+
+def cache_axes(config: AttentionConfig, fmt="float32") -> dict[str, tuple[str | None, ...]]:
   """Logical axes of each cache array: [cache_batch, cache_length, *per-token axes]."""
-  return {name: ("cache_batch", "cache_length") + tuple(axes)
-          for name, (_, axes) in config.cache_spec().items()}
+  return {name: ("cache_batch", "cache_length") + s.axes for name, s in cache_layout(config, fmt).items()}
 
 
-def init_pages(config: AttentionConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> Cache:
+def init_pages(config: AttentionConfig, num_pages: int, page_size: int, fmt="float32") -> Cache:
   """A zero page pool [num_pages, page_size, ...] per array (see `Attention.step`)."""
-  return {name: jnp.zeros((num_pages, page_size) + tuple(shape), dtype)
-          for name, (shape, _) in config.cache_spec().items()}
+  return {name: jnp.zeros((num_pages, page_size) + s.shape, s.dtype) for name, s in cache_layout(config, fmt).items()}
 
 
-def init_cache(config: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+def init_cache(config: AttentionConfig, batch: int, max_len: int, fmt="float32") -> Cache:
   """A zero cache of fixed shape [batch, max_len, ...] per array (needs no weights)."""
-  axes = cache_axes(config)
-  return {name: constrain(jnp.zeros((batch, max_len) + tuple(shape), dtype), axes[name])
-          for name, (shape, _) in config.cache_spec().items()}
+  axes = cache_axes(config, fmt)
+  return {name: constrain(jnp.zeros((batch, max_len) + s.shape, s.dtype), axes[name])
+          for name, s in cache_layout(config, fmt).items()}
+
+
+def stored(entries: Cache, cache: Cache) -> Cache:
+  """New cache entries as `cache` stores them: cast, or quantized with their
+  scales where the cache holds NAME + quant.SCALE beside NAME."""
+  out = {}
+  for name, x in entries.items():
+    scales = cache.get(name + quant.SCALE)
+    if scales is None:
+      out[name] = x.astype(cache[name].dtype)
+    else:
+      fmt = quant.cache_format(cache[name].dtype)
+      out[name], out[name + quant.SCALE] = quant.quantize(x, fmt, x.shape[-1] // scales.shape[-1])
+  return out
+
+
+def as_read(view: Cache) -> Cache:
+  """Cache arrays as `attend` takes them: each quantized one and its scales as one `quant.Quantized`."""
+  out = {}
+  for name, x in view.items():
+    if name.endswith(quant.SCALE):
+      continue
+    scales = view.get(name + quant.SCALE)
+    if scales is None:
+      out[name] = x
+    else:
+      width, tiles = (a.pool.shape[-1] if isinstance(a, core.Paged) else a.shape[-1] for a in (x, scales))
+      out[name] = quant.Quantized(x, scales, width // tiles)
+  return out
 
 
 class Attention(nnx.Module):
@@ -57,6 +91,7 @@ class Attention(nnx.Module):
                options: RunOptions = RunOptions(), param_dtype=jnp.float32, init_std: float = 0.02,
                out_std: float = 0.0):
     config.validate(d_model)
+    cache_layout(config, options.cache_format)      # a format the variant cannot hold: one line, here
     self.config = config
     self.options = options
     self.backend = core.backend(options, config)
@@ -83,23 +118,31 @@ class Attention(nnx.Module):
     """Training forward: causal attention over the sequence."""
     return self.attend(x, positions, self.cache_entries(x, positions), None)
 
-  def cache_axes(self) -> dict[str, tuple[str | None, ...]]:
-    return cache_axes(self.config)
+  def cache_axes(self, cache: Cache | None = None) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of the arrays of `cache` (default: those the run options' format stores)."""
+    if cache is None:
+      return cache_axes(self.config, self.options.cache_format)
+    axes = cache_axes(self.config)
+    return {name: axes[name] if name in axes else axes[name[:-len(quant.SCALE)]][:-1] + (None,) for name in cache}
 
   def prefill(self, x: jax.Array, positions: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     """Forward over a (right-padded) prompt batch, writing its entries at slots [0, seq).
 
     Slots past a sequence's true length hold padding; the decode step overwrites
     them in order and never attends past its own position, so they are harmless.
+    The prompt attends to its entries as the cache holds them (quantized ones
+    dequantized), so its logits and the next decode step see the same keys.
     """
     kv = self.cache_entries(x, positions)
+    new = stored(kv, cache)
+    if any(name.endswith(quant.SCALE) for name in new):
+      kv = {name: quant.dequantized(a, self.dtype) for name, a in as_read(new).items()}
     y = self.attend(x, positions, kv, None)
-    axes = self.cache_axes()
+    axes = self.cache_axes(cache)
     new_cache = {}
-    for name, entries in kv.items():
+    for name, entries in new.items():
       buf = cache[name]
-      new_cache[name] = constrain(
-          jax.lax.dynamic_update_slice(buf, entries.astype(buf.dtype), (0,) * buf.ndim), axes[name])
+      new_cache[name] = constrain(jax.lax.dynamic_update_slice(buf, entries, (0,) * buf.ndim), axes[name])
     return y, new_cache
 
   def decode(self, x: jax.Array, cache: Cache, lengths: jax.Array) -> tuple[jax.Array, Cache]:
@@ -116,14 +159,15 @@ class Attention(nnx.Module):
     `cache` holds dense [batch, max_len, ...] arrays, or with `pages` (an int32
     [batch, width] page table, see mla_jax.paging) pools [num_pages, page_size,
     ...]: token t of row b lives at pool[pages[b, t // page_size], t %
-    page_size]. Positions past a row's table land in the null page."""
+    page_size]. Positions past a row's table land in the null page. A quantized
+    cache (NAME beside NAME + quant.SCALE) is written quantized and read by the
+    core as stored."""
     positions = lengths[:, None] + jnp.arange(x.shape[1], dtype=lengths.dtype)
-    kv = self.cache_entries(x, positions)
-    axes = self.cache_axes()
+    new = stored(self.cache_entries(x, positions), cache)
+    axes = self.cache_axes(cache)
     new_cache, view = {}, {}
-    for name, entries in kv.items():
+    for name, entries in new.items():
       buf = cache[name]
-      entries = entries.astype(buf.dtype)
       if pages is None:
         # A scatter into each sequence's own slots: touches S rows, not the cache.
         buf = buf.at[jnp.arange(x.shape[0])[:, None], positions].set(entries, mode="drop")
@@ -138,4 +182,4 @@ class Attention(nnx.Module):
         else:                         # XLA reads the table's pages gathered: the table's width bounds the work
           view[name] = constrain(core.Paged(buf, pages).dense(), axes[name])
     # slots [0, lengths[b] + S) hold sequence b's tokens, the new ones included
-    return self.attend(x, positions, view, lengths + x.shape[1]), new_cache
+    return self.attend(x, positions, as_read(view), lengths + x.shape[1]), new_cache

@@ -43,7 +43,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from mla_jax import compat, rules
+from mla_jax import compat, quant, rules
 from mla_jax.config import AttentionConfig, RunOptions
 from mla_jax.kernels import jax_decode
 from mla_jax.kernels import latent_decode as latent_kernel
@@ -101,14 +101,22 @@ class Paged:
 # ----------------------------------------------------------------------------- layouts
 
 
-def heads_major(x: jax.Array) -> jax.Array:
-  """[B, T, *heads, D] (how caches and projections come) -> [B, *heads, T, D]."""
-  return jnp.moveaxis(x, 1, -2)
+def heads_major(x):
+  """[B, T, *heads, D] (how caches and projections come) -> [B, *heads, T, D]
+  (a `quant.Quantized` cache array: its values and scales alike)."""
+  return quant.map_rows(lambda a: jnp.moveaxis(a, 1, -2), x)
 
 
-def token_major(y: jax.Array) -> jax.Array:
+def token_major(y):
   """[B, *heads, S, D] -> [B, S, *heads, D]."""
-  return jnp.moveaxis(y, -2, 1)
+  return quant.map_rows(lambda a: jnp.moveaxis(a, -2, 1), y)
+
+
+def _gathered(a):
+  """A cache array as XLA reads it: paged pools gathered through their table (values and scales alike)."""
+  if isinstance(a, quant.Quantized):
+    return a.map(_gathered)
+  return a.dense() if isinstance(a, Paged) else a
 
 
 def _specs(q_ndim: int, k_ndim: int, branched: bool = False) -> tuple[str, str]:
@@ -210,7 +218,51 @@ def _causal(q, key, value, scale, q_rope, rope_key, chunks, branched):
   return jnp.concatenate(outs, axis=-2), jnp.concatenate(lses, axis=-1)
 
 
+# Keys per step of the loop that reads a quantized cache in XLA (see `over_keys`).
+KEY_CHUNK = 512
+
+
+def over_keys(attend_keys, cache: dict, kv_len: jax.Array, q_len: int, axis: int = -2):
+  """attend_keys(cache, visible) -> (out, lse) run over the keys of `cache` (a
+  dict of arrays, some `quant.Quantized`, their tokens on `axis`): in one call
+  when nothing is quantized, else KEY_CHUNK keys at a time, each chunk
+  dequantized where it is read and the parts merged by log-sum-exp. In one
+  piece XLA would materialise the dequantized operand of each dot, a float copy
+  of the whole cache (tests/test_quantized_cache.py checks the compiled temporaries)."""
+  present = {name: a for name, a in cache.items() if a is not None}
+  k_len = next(iter(present.values())).shape[axis]
+  visible = mask(kv_len, q_len, k_len)
+  if not any(isinstance(a, quant.Quantized) for a in present.values()):
+    return attend_keys(cache, visible)
+
+  def part(lo, size):
+    def cut(x):
+      return jax.lax.dynamic_slice_in_dim(x, lo, size, axis % x.ndim)
+    chunk = {name: quant.map_rows(cut, a) for name, a in present.items()}
+    return attend_keys(chunk, jax.lax.dynamic_slice_in_dim(visible, lo, size, 2))     # visible [B, S, T]
+
+  whole, rest = divmod(k_len, KEY_CHUNK)
+  if whole == 0:
+    return part(0, rest)
+  out = jax.lax.fori_loop(1, whole, lambda i, acc: merge([acc, part(i * KEY_CHUNK, KEY_CHUNK)]), part(0, KEY_CHUNK))
+  return merge([out, part(whole * KEY_CHUNK, rest)]) if rest else out
+
+
+def _over_quantized_keys(q, key, value, kv_len, scale, q_rope, rope_key, branched):
+  """`_attend` through `over_keys`: each chunk of keys, values (the same array
+  in the absorbed form: dequantized once) and rope keys dequantized as read."""
+  def attend_keys(c, visible):
+    k = quant.dequantized(c["key"], q.dtype)
+    v = k if value is key else quant.dequantized(c["value"], q.dtype)
+    rk = None if rope_key is None else quant.dequantized(c["rope_key"], q.dtype)
+    return _attend(q, k, v, visible, scale, q_rope, rk, branched)
+  return over_keys(attend_keys, {"key": key, "value": None if value is key else value, "rope_key": rope_key},
+                   kv_len, q.shape[-2])
+
+
 def _xla(q, key, value, kv_len, scale, q_rope, rope_key, backend, branched=False):
+  if kv_len is not None and any(isinstance(a, quant.Quantized) for a in (key, value, rope_key)):
+    return _over_quantized_keys(q, key, value, kv_len, scale, q_rope, rope_key, branched)
   if kv_len is None:
     if backend.training == "dpa":
       return _dpa(q, key, value, scale, q_rope, rope_key, branched)
@@ -253,8 +305,8 @@ def absorbed(q_latent: jax.Array, latent: "jax.Array | Paged", *, scale: float, 
     out = _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend)
     if out is not None:
       return out
-  latent, rope_key = (a.dense() if isinstance(a, Paged) else a for a in (latent, rope_key))
-  latent = heads_major(latent.reshape(latent.shape[:2] + q_latent.shape[1:-3] + latent.shape[-1:]))
+  latent, rope_key = _gathered(latent), _gathered(rope_key)
+  latent = heads_major(quant.map_rows(lambda a: a.reshape(a.shape[:2] + q_latent.shape[1:-3] + a.shape[-1:]), latent))
   return _xla(q_latent, latent, latent, kv_len, scale, q_rope, rope_key, backend)
 
 
@@ -344,6 +396,9 @@ def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
   """JAX's Pallas GQA / MQA decode ops, reading the cache as stored (token-major)."""
   if q.shape[-2] != 1:
     return None                     # several query tokens (a prefill chunk, a draft): XLA, as prefill always was
+  if any(isinstance(a, quant.Quantized) for a in (key, value)):
+    return _unsupported(backend, "JAX's GQA/MQA decode ops read no 8-bit cache (the XLA path dequantizes "
+                                 "it chunk by chunk)")
   if q_rope is not None:
     return _unsupported(backend, "JAX's GQA/MQA decode ops take no separately scored rope key (GTA); "
                                  "no Pallas decode kernel for it yet")
@@ -371,11 +426,15 @@ def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
 def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
   """The latent kernel (mla_jax/kernels/latent_decode.py): per sequence, every
   latent block with all the query rows (new tokens x heads) that read it, the
-  cache (dense or paged) read as stored."""
+  cache (dense or paged, 8-bit with its scales or not) read as stored."""
+  latent, lat_scales = (latent.values, latent.scales) if isinstance(latent, quant.Quantized) else (latent, None)
+  rope_key, rope_scales = ((rope_key.values, rope_key.scales) if isinstance(rope_key, quant.Quantized)
+                           else (rope_key, None))
   paged = isinstance(latent, Paged)
   pool = latent.pool if paged else latent
-  why = latent_kernel.unsupported(pool.shape[-1], 0 if rope_key is None else _width(rope_key),
-                                  pool.shape[1] if paged else None)
+  why = (latent_kernel.unsupported(pool.shape[-1], 0 if rope_key is None else _width(rope_key),
+                                   pool.shape[1] if paged else None)
+         or latent_kernel.storage_unsupported(pool.dtype))
   if why:
     return _unsupported(backend, why)
   batch, heads, (queries, width) = q_latent.shape[0], q_latent.shape[1:-2], q_latent.shape[-2:]
@@ -394,23 +453,25 @@ def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
       rope_blocks = blocks
     q_r = rows(q_rope, rope_blocks)
     rope_axis = "latent_blocks" if rope_blocks == blocks > 1 else None
-  lat = pool.reshape(pool.shape[:2] + (blocks, width))
-  q_axes = ("batch", "latent_blocks", None, None)
-  if paged:
-    cache_axes = ((None, None, "latent_blocks", "latent_dim"), (None, None, "rope_dim"), ("batch", None))
-    rope, table = (None if rope_key is None else rope_key.pool), latent.table
-  else:
-    cache_axes = (("cache_batch", "cache_length", "latent_blocks", "latent_dim"),
-                  ("cache_batch", "cache_length", "rope_dim"), None)
-    rope, table = rope_key, None
 
-  def run(q_lat, q_r, lat, rope, kv_len, table):
-    return latent_kernel.latent_attention(q_lat, q_r, lat, rope, kv_len, table, scale=scale, queries=queries,
-                                          interpret=backend.interpret)
+  def stored(a):                    # a pool, or a dense cache array
+    return a.pool if isinstance(a, Paged) else a
+
+  lat = pool.reshape(pool.shape[:2] + (blocks, width))
+  lat_scales = None if lat_scales is None else stored(lat_scales).reshape(pool.shape[:2] + (blocks, -1))
+  rope, rope_scales = (None if a is None else stored(a) for a in (rope_key, rope_scales))
+  table = latent.table if paged else None
+  lead = (None, None) if paged else ("cache_batch", "cache_length")
+  q_axes = ("batch", "latent_blocks", None, None)
+
+  def run(q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales):
+    return latent_kernel.latent_attention(q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales,
+                                          scale=scale, queries=queries, interpret=backend.interpret)
 
   context, lse = per_device(
-      run, (q_lat, q_r, lat, rope, kv_len, table),
-      (q_axes, ("batch", rope_axis, None, None)) + cache_axes[:2] + (("batch",), cache_axes[2]),
+      run, (q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales),
+      (q_axes, ("batch", rope_axis, None, None), lead + ("latent_blocks", "latent_dim"), lead + ("rope_dim",),
+       ("batch",), ("batch", None) if paged else None, lead + ("latent_blocks", None), lead + (None,)),
       (q_axes, q_axes[:3]))
   context = jnp.swapaxes(context.reshape((batch, blocks, queries, per_block, width)), 2, 3)
   lse = jnp.swapaxes(lse.reshape((batch, blocks, queries, per_block)), 2, 3)

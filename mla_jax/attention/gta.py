@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from mla_jax import quant
 from mla_jax.attention import core
 from mla_jax.attention.base import Attention
 from mla_jax.authors_layout import Layout, linear
@@ -82,7 +83,7 @@ class GTA(Attention):
     q_nope, q_pe = core.heads_major(q[..., :n]), core.heads_major(rope(q[..., n:], positions, cfg.rope_theta))
     state = core.heads_major(kv["kv_state"])                            # [B, h_kv, T, d_h]
     # K_j = [s_j[:n] | k_R] (its rope part scored separately, never concatenated), V_j = s_j
-    y, _ = core.expanded(q_nope, state[..., :n], state, scale=1.0 / math.sqrt(cfg.head_dim), kv_len=kv_len,
+    y, _ = core.expanded(q_nope, quant.prefix(state, n), state, scale=1.0 / math.sqrt(cfg.head_dim), kv_len=kv_len,
                          q_rope=q_pe, rope_key=kv["rope_key"], backend=self.backend)
     y = core.token_major(y).reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
     return dense(y, self.wo[...], "bshk,hkd->bsd", self.dtype)

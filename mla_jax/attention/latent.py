@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_jax import quant
 from mla_jax.attention import core
 from mla_jax.attention.base import Attention
 from mla_jax.authors_layout import Layout, Param, linear
@@ -215,7 +216,9 @@ class LatentAttention(Attention):
                            backend=self.backend)                        # [B, R, G, J, S, d_b]
       y = dense(z, w_uv, "brgjsc,rgcjv->bsgjv", self.dtype)             # sums the branches
     else:
-      cache = kv["kv_latent"].reshape(kv["kv_latent"].shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
+      # the reference form re-expands every key anyway: an 8-bit latent is dequantized whole here
+      latent = quant.dequantized(kv["kv_latent"], self.dtype)
+      cache = latent.reshape(latent.shape[:2] + (cfg.branches, cfg.groups, cfg.block_dim))
       q = core.heads_major(jnp.concatenate([q_nope, q_pe], -1) if cfg.qk_rope_head_dim else q_nope)
       # per-head keys and values, the branches as the core's branch axis: [B, G, J, R, T, *]
       key = dense(cache, w_uk, "btrgc,rgcjn->bgjrtn", self.dtype)

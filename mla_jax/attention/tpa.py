@@ -23,6 +23,7 @@ import math
 
 import jax.numpy as jnp
 
+from mla_jax import quant
 from mla_jax.attention import core
 from mla_jax.attention.base import Attention
 from mla_jax.authors_layout import Layout, linear
@@ -94,19 +95,24 @@ class TPA(Attention):
     b_q = rope(dense(x, self.wb_q[...], "bsd,drk->bsrk", self.dtype), positions, cfg.rope_theta)
     q = constrain(jnp.einsum("bshr,bsrk->bshk", a_q, b_q) / cfg.q_rank, ("batch", "length", "act_heads", "head_dim"))
     q = core.heads_major(q)                                             # [B, h, S, d_h]
-    f = {name: a.astype(self.dtype) for name, a in kv.items()}
     scale = 1.0 / math.sqrt(cfg.head_dim)
     if kv_len is None or self.backend.decode_form == "naive":
+      f = {name: quant.dequantized(a, self.dtype) for name, a in kv.items()}
       k = jnp.einsum("bthr,btrk->bhtk", f["key_a"], f["key_b"]) / cfg.k_rank
       v = jnp.einsum("bthr,btrk->bhtk", f["value_a"], f["value_b"]) / cfg.v_rank
       y, _ = core.expanded(q, k, v, scale=scale, kv_len=kv_len, backend=self.backend)
     else:                                                               # from the factors
       self.backend.xla_only("tpa decodes from its cached factors in XLA; no Pallas kernel reads them")
-      q_dot_b = jnp.einsum("bhsk,btrk->bhstr", q, f["key_b"])           # q_i . B_K[t, r]
-      scores = jnp.einsum("bhstr,bthr->bhst", q_dot_b, f["key_a"], preferred_element_type=jnp.float32)
-      probs, _ = core.softmax(scores * (scale / cfg.k_rank), core.mask(kv_len, q.shape[-2], scores.shape[-1]))
-      weights = probs.astype(self.dtype)[..., None] * jnp.swapaxes(f["value_a"], 1, 2)[:, :, None]
-      y = jnp.einsum("bhstr,btrk->bhsk", weights, f["value_b"]) / cfg.v_rank   # p_it A_V[t, i, r] B_V[t, r]
+
+      def attend_factors(factors, visible):
+        f = {name: quant.dequantized(a, self.dtype) for name, a in factors.items()}
+        q_dot_b = jnp.einsum("bhsk,btrk->bhstr", q, f["key_b"])         # q_i . B_K[t, r]
+        scores = jnp.einsum("bhstr,bthr->bhst", q_dot_b, f["key_a"], preferred_element_type=jnp.float32)
+        probs, lse = core.softmax(scores * (scale / cfg.k_rank), visible)
+        weights = probs.astype(self.dtype)[..., None] * jnp.swapaxes(f["value_a"], 1, 2)[:, :, None]
+        return jnp.einsum("bhstr,btrk->bhsk", weights, f["value_b"]) / cfg.v_rank, lse  # p_it A_V[t,i,r] B_V[t,r]
+
+      y, _ = core.over_keys(attend_factors, kv, kv_len, q.shape[-2], axis=1)    # token-major factors
     return dense(core.token_major(y), self.wo[...], "bshk,hkd->bsd", self.dtype)
 
   # ---- the MLRA authors' checkpoints (their model/tpa.py)

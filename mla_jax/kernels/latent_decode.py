@@ -91,6 +91,22 @@ def unsupported(latent_dim: int, rope_dim: int, page_size: int | None = None) ->
   return None
 
 
+def storage_unsupported(dtype, device=None) -> str | None:
+  """Why this GPU's Triton cannot load a cache of `dtype` (None when it can):
+  fp8 (e4m3) needs compute capability 8.9 or newer (Ada, Hopper)."""
+  if jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
+    return None
+  device = device or jax.devices()[0]
+  if device.platform != "gpu":
+    return None                     # interpret mode reads any dtype
+  capability = str(getattr(device, "compute_capability", "0.0"))
+  major, _, minor = capability.partition(".")
+  if (int(major), int(minor or 0)) < (8, 9):
+    return (f"an fp8 cache needs compute capability >= 8.9 in the Triton kernel, and {device.device_kind} has "
+            f"{capability}; cache formats that work here: float32, bfloat16, int8")
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   rows: int          # query rows per program (power of 2 >= 16)
@@ -158,7 +174,9 @@ _count = None          # set by `counting_loads`: called with (what, loaded arra
 
 def _load(ref, mask=None, *, what: str):
   """Every read the kernel makes of its operands goes through here."""
-  x = compat.pallas_gpu().load(ref, mask=mask, other=None if mask is None else 0)
+  # masked-off elements read as zero (an fp8 zero: Triton casts no integer constant to fp8)
+  other = None if mask is None else jnp.zeros((), ref.dtype)
+  x = compat.pallas_gpu().load(ref, mask=mask, other=other)
   if _count is not None:
     _count(what, x, mask)
   return x
@@ -197,51 +215,69 @@ def _i(j: int):
   return jnp.int32(j)
 
 
-def _kernel(len_ref, table_ref, ql_ref, qr_ref, lat_ref, rope_ref, o_ref, m_ref, l_ref, *,
-            scale: float, block_k: int, splits: int, queries: int, heads: int, page_size: int | None,
-            allow_tf32: bool | None):
+def _kernel(len_ref, table_ref, ql_ref, qr_ref, lat_ref, rope_ref, lat_scale_ref, rope_scale_ref, o_ref, m_ref,
+            l_ref, *, scale: float, block_k: int, splits: int, queries: int, heads: int, page_size: int | None,
+            tile: int, allow_tf32: bool | None):
   """One program: one sequence, one tile of rows (all NB blocks), one split of its live tokens."""
   gpu = compat.pallas_gpu()
   row_tile, split = pl.program_id(0), pl.program_id(2)
-  blocks, rows, _ = ql_ref.shape
+  blocks, rows, width = ql_ref.shape
+  tiles = width // tile                                      # 8-bit caches: one scale per token per tile
   rope_queries = 0 if qr_ref is None else qr_ref.shape[0]    # 1: shared by all blocks (MLRA's branches)
   n = len_ref[0]
-  tiles = pl.cdiv(n, block_k)
-  per_split = pl.cdiv(tiles, splits)
+  num_tiles = pl.cdiv(n, block_k)
+  per_split = pl.cdiv(num_tiles, splits)
   first_tile = split * per_split
-  count = jnp.clip(tiles - first_tile, 0, per_split)
+  count = jnp.clip(num_tiles - first_tile, 0, per_split)
 
-  q_lat = [_load(ql_ref.at[_i(j)], what="query") for j in range(blocks)]
+  def lanes(k):                     # the elements of scale tile k in a latent row
+    return () if tiles == 1 else (pl.ds(k * tile, tile),)
+
+  q_lat = [[_load(ql_ref.at[(_i(j), slice(None)) + lanes(k)], what="query") for k in range(tiles)]
+           for j in range(blocks)]
   q_rope = [_load(qr_ref.at[_i(j)], what="query") for j in range(rope_queries)]
   row = row_tile * rows + jnp.arange(rows)
   # row r is new token r // heads, at position n - queries + r // heads; it sees keys up to there
   last_seen = n - queries + jnp.minimum(row // heads, queries - 1)
   offsets = jnp.arange(block_k)
 
-  def tile_of(ref, tile, *rest):
-    first = tile * block_k
+  def tile_of(ref, tile_index, *rest):
+    first = tile_index * block_k
     if table_ref is None:
       return ref.at[(pl.ds(first, block_k),) + rest]
     page = table_ref[first // page_size]
     return ref.at[(page, pl.ds(first % page_size, block_k)) + rest]
 
+  def cache_tile(ref, scale_ref, tile_index, live, *rest, scale_index=()):
+    """[block_k, width] of the cache in the queries' dtype: dequantized when it is
+    scaled (an 8-bit cache's bf16 rope key: cast)."""
+    x = _load(tile_of(ref, tile_index, *rest), mask=live[:, None], what="cache")
+    if scale_ref is None:
+      return x if x.dtype == ql_ref.dtype else x.astype(ql_ref.dtype)
+    s = _load(tile_of(scale_ref, tile_index, *scale_index), mask=live, what="cache")
+    return (x.astype(jnp.float32) * s[:, None]).astype(ql_ref.dtype)
+
   def dot(a, b, trans_b=False):
     return gpu.dot(a, b, trans_b=trans_b, allow_tf32=allow_tf32)
 
   def body(i, carry):
-    tile = first_tile + i
-    pos = tile * block_k + offsets
-    live = (pos < n)[:, None]
+    tile_index = first_tile + i
+    pos = tile_index * block_k + offsets
+    live = pos < n
     visible = pos[None, :] <= last_seen[:, None]                       # [rows, block_k]
     rope_scores = []
-    if rope_queries:
-      rope_key = _load(tile_of(rope_ref, tile), mask=live, what="cache")  # once per tile, for every block
+    if rope_queries:                                                   # once per tile, for every block
+      rope_key = cache_tile(rope_ref, rope_scale_ref, tile_index, live, scale_index=(_i(0),))
       rope_scores = [dot(q, rope_key, trans_b=True) for q in q_rope]
     out = []
     for j in range(blocks):
       acc, m_prev, l_prev = carry[j]
-      latent = _load(tile_of(lat_ref, tile, _i(j)), mask=live, what="cache")  # [block_k, L], key and value
-      scores = dot(q_lat[j], latent, trans_b=True)
+      # [block_k, tile] pieces of the latent: key and value
+      latent = [cache_tile(lat_ref, lat_scale_ref, tile_index, live, _i(j), *lanes(k), scale_index=(_i(j), _i(k)))
+                for k in range(tiles)]
+      scores = dot(q_lat[j][0], latent[0], trans_b=True)
+      for k in range(1, tiles):
+        scores += dot(q_lat[j][k], latent[k], trans_b=True)
       if rope_queries:
         scores += rope_scores[j % rope_queries]
       scores = jnp.where(visible, scores.astype(jnp.float32) * scale, -jnp.inf)
@@ -251,15 +287,16 @@ def _kernel(len_ref, table_ref, ql_ref, qr_ref, lat_ref, rope_ref, o_ref, m_ref,
       correction = jnp.exp(m_prev - safe_m)
       p = jnp.exp(scores - safe_m[:, None])
       l_next = correction * l_prev + p.sum(axis=-1)
-      acc = correction[:, None] * acc + dot(p.astype(latent.dtype), latent)
+      acc = tuple(correction[:, None] * a + dot(p.astype(c.dtype), c) for a, c in zip(acc, latent))
       out.append((acc, m_next, l_next))
     return tuple(out)
 
-  init = tuple((jnp.zeros((rows, q_lat[0].shape[-1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-                jnp.zeros((rows,), jnp.float32)) for _ in range(blocks))
+  init = tuple((tuple(jnp.zeros((rows, tile), jnp.float32) for _ in range(tiles)),
+                jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32)) for _ in range(blocks))
   state = lax.fori_loop(0, count, body, init)
   for j, (acc, m, l) in enumerate(state):
-    o_ref[_i(j)] = acc
+    for k, a in enumerate(acc):
+      o_ref[(_i(j), slice(None)) + lanes(k)] = a
     m_ref[_i(j)] = m
     l_ref[_i(j)] = l
 
@@ -275,8 +312,8 @@ def _combine(o, m, l):
   return context, lse
 
 
-def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, *, scale: float, queries: int = 1,
-                        splits: int | None = None, max_rows: int | None = None, block_k: int | None = None,
+def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, latent_scales=None, rope_scales=None,
+                        *, scale: float, queries: int = 1, splits: int | None = None, max_rows: int | None = None, block_k: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
                         return_partials: bool = False):
   """Attention of `queries` new tokens per sequence over a latent cache.
@@ -286,6 +323,10 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, *, s
   query j % NBr: MLRA's branches share one); latent [B, T, NB, L] and rope
   [B, T, R] (dense), or pools [P, page_size, NB, L] and [P, page_size, R] with
   `pages` [B, W] (paged); kv_len [B]: tokens cached, the new ones included.
+  8-bit caches (mla_jax.quant): `latent_scales` [B, T, NB, L / tile] (or
+  pools) scale the latent per token and tile of at most 128 values;
+  `rope_scales` [B, T, 1] the rope key, when it is quantized too. Each tile is
+  dequantized where it is loaded, into the queries' dtype (the dots run in it).
   Returns context [B, NB, M, L] (float32) and lse [B, NB, M]; with
   `return_partials`, also the per-split (o, m, l) and the plan.
   """
@@ -299,16 +340,19 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, *, s
     raise ValueError(f"the Pallas latent kernel cannot run this shape: {why}; use the XLA absorbed path "
                      "(decode_impl='absorbed')")
   capacity = latent.shape[1] if pages is None else pages.shape[1] * page_size
-  p = plan(blocks=blocks, rows=rows, width=width, rope_dim=rope_dim, itemsize=latent.dtype.itemsize,
+  quantized = latent_scales is not None
+  compute = q_latent.dtype if quantized else latent.dtype        # what the dots multiply in
+  tile = width // latent_scales.shape[-1] if quantized else width
+  p = plan(blocks=blocks, rows=rows, width=width, rope_dim=rope_dim, itemsize=jnp.dtype(compute).itemsize,
            batch=batch, capacity=capacity, page_size=page_size,
            sms=INTERPRET_SMS if interpret else None, max_rows=max_rows)
   p = dataclasses.replace(p, **{k: v for k, v in dict(splits=splits, block_k=block_k, num_warps=num_warps,
                                                       num_stages=num_stages).items() if v is not None})
   padded = p.rows * p.row_tiles
   pad = [(0, 0), (0, 0), (0, padded - rows), (0, 0)]
-  q_latent = jnp.pad(q_latent.astype(latent.dtype), pad)
+  q_latent = jnp.pad(q_latent.astype(compute), pad)
   if q_rope is not None:
-    q_rope = jnp.pad(q_rope.astype(latent.dtype), pad)
+    q_rope = jnp.pad(q_rope.astype(compute), pad)
   grid = (p.row_tiles, batch, p.splits)    # row tiles fastest: those that load the same tiles run together
   whole = lambda shape: pl.BlockSpec(shape, lambda r, b, s: (0,) * len(shape))  # noqa: E731
   per_seq = lambda shape: pl.BlockSpec((None,) + shape[1:], lambda r, b, s: (b,) + (0,) * (len(shape) - 1))  # noqa: E731
@@ -321,6 +365,8 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, *, s
                                                lambda r, b, s: (b, 0, r, 0)),
       cache_spec(latent.shape),
       None if rope is None else cache_spec(rope.shape),
+      None if latent_scales is None else cache_spec(latent_scales.shape),
+      None if rope_scales is None else cache_spec(rope_scales.shape),
   ]
   part = (p.splits, batch, blocks, padded)
   out_specs = [pl.BlockSpec((None, None, blocks, p.rows, width), lambda r, b, s: (s, b, 0, r, 0)),
@@ -329,13 +375,14 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, *, s
   out_shape = [jax.ShapeDtypeStruct(part + (width,), jnp.float32),
                jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32)]
   kernel = functools.partial(_kernel, scale=scale, block_k=p.block_k, splits=p.splits, queries=queries,
-                             heads=rows // queries, page_size=page_size,
-                             allow_tf32=False if latent.dtype == jnp.float32 else None)
+                             heads=rows // queries, page_size=page_size, tile=tile,
+                             allow_tf32=False if compute == jnp.float32 else None)
   o, m, l = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=compat.pallas_gpu_params(num_warps=p.num_warps, num_stages=p.num_stages),
       interpret=interpret, name="latent_attention",
-  )(kv_len.astype(jnp.int32), None if pages is None else pages.astype(jnp.int32), q_latent, q_rope, latent, rope)
+  )(kv_len.astype(jnp.int32), None if pages is None else pages.astype(jnp.int32), q_latent, q_rope, latent, rope,
+    latent_scales, rope_scales)
   o, m, l = o[..., :rows, :], m[..., :rows], l[..., :rows]
   context, lse = _combine(o, m, l)
   if return_partials:
