@@ -25,6 +25,7 @@ from absl import flags
 
 from experiments.specs import DataSpec, LoopSpec
 from mla_jax import presets, registry
+from mla_jax.attention.base import cache_layout
 from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.generate import Sampling
 from mla_jax.train import TrainConfig
@@ -104,7 +105,7 @@ def all_specs() -> list[FlagSpec]:
 
 
 MODES = ("train", "eval", "generate", "serve", "bench_train", "bench_decode", "kv_report", "decode_traffic",
-         "convert", "params")
+         "convert", "params", "cache_quality")
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -202,7 +203,9 @@ def run_options(fv) -> RunOptions:
 
 def build(fv: flags.FlagValues) -> Configs:
   """Every config the flags describe (one-line ValueErrors for bad values)."""
-  return Configs(model=model_config(fv), options=run_options(fv), train=TrainConfig(**_fields(fv, TrainConfig)),
+  model, run = model_config(fv), run_options(fv)
+  cache_layout(model.attention, run.cache_format)       # a cache format the variant's rows cannot hold
+  return Configs(model=model, options=run, train=TrainConfig(**_fields(fv, TrainConfig)),
                  data=DataSpec(**_fields(fv, DataSpec)), loop=LoopSpec(**_fields(fv, LoopSpec)),
                  sampling=Sampling(**_fields(fv, Sampling)))
 
@@ -246,6 +249,10 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   d("integer", "prefill_chunk", 64, "serve: prompt tokens per sequence and step.")
   d("string", "speculative", "", "serve: speculative decoding, e.g. ngram:4 (prompt-lookup drafts of 4 tokens, "
     "verified in one step).")
+  # cache_quality (experiments/cache_quality.py)
+  d("integer", "quality_tokens", 256, "cache_quality: greedy tokens per prompt compared with the float32 cache's "
+    "(fewer where the model's context is shorter).")
+  d("integer", "quality_prompts", 8, "cache_quality: prompts (the first 16 tokens of validation windows).")
   # convert
   d("string", "torch_checkpoint", None, "convert: the authors' checkpoint (safetensors, a weights-only torch "
     "pickle, or a folder holding one and its config.json); --nolatent_scales imports their *_no_scale models.")

@@ -205,6 +205,17 @@ def run_convert() -> None:
                                                "to give it the tokenizer its text needs)"))
 
 
+def run_cache_quality() -> None:
+  from experiments import cache_quality
+  c = options.build(FLAGS)
+  for name in ("quality_tokens", "quality_prompts"):
+    if FLAGS[name].value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
+  cache_quality.run(c.loop.output_dir, c.data, mesh=c.loop.mesh, rules=c.loop.rules, options=c.options,
+                    eval_batches=c.loop.eval_batches, eval_batch_size=c.loop.eval_batch_size,
+                    new_tokens=FLAGS.quality_tokens, num_prompts=FLAGS.quality_prompts)
+
+
 def run_kv_report(tps, compiled: bool) -> None:
   from mla_jax import cache_report
   configs = family_configs()
@@ -213,7 +224,7 @@ def run_kv_report(tps, compiled: bool) -> None:
   report = cache_report.rows(configs, tps=tps, batch=FLAGS.batch, context=FLAGS.context,
                              options=options.run_options(FLAGS), compiled=compiled)
   title = (f"{FLAGS.family}: d_model {first.d_model}, {first.num_layers} layers, "
-           f"{first.attention.num_heads} heads; {options.run_options(FLAGS).cache_jnp_dtype.__name__} cache")
+           f"{first.attention.num_heads} heads; {options.run_options(FLAGS).cache_format.name} cache")
   if compiled:
     cache_report.write_traffic(report, FLAGS.output_dir, name=f"decode_traffic_{FLAGS.family}",
                                batch=FLAGS.batch, context=FLAGS.context, decode_impl=FLAGS.decode_impl,
@@ -271,7 +282,7 @@ def main(argv):
     else:                   # the modes that may span several processes
       start_distributed()
       {"train": run_train, "eval": run_eval, "generate": run_generate, "bench_train": run_bench_train,
-       "bench_decode": run_bench_decode, "serve": run_serve}[FLAGS.mode]()
+       "bench_decode": run_bench_decode, "serve": run_serve, "cache_quality": run_cache_quality}[FLAGS.mode]()
   except ValueError as e:   # bad input: one line, non-zero exit, nothing lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

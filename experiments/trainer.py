@@ -598,25 +598,31 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
   return config, T.model_from_state(graphdef, state), loaded, meta, (graphdef, state, mesh, rules)
 
 
+def validation_batches(data_spec: DataSpec, meta: dict, batch_size: int, num_batches: int) -> list:
+  """The fixed validation batches of a run ([batch_size, seq_len + 1] token windows
+  of its validation split, this process's rows), with the tokenizer it recorded."""
+  data = prepare_data(dataclasses.replace(data_spec, tokenizer=meta["tokenizer"]))
+  try:
+    return pipeline.fixed_batches(
+        data.sources["validation"], data.tokenizer, seq_len=meta["train_config"]["seq_len"],
+        batch_size=batch_size, num_batches=num_batches,
+        rows=pipeline.process_rows(batch_size, jax.process_index(), jax.process_count()))
+  except ValueError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a damaged array_record file
+    raise data.damaged(e, "the validation split") from None
+
+
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,
              prompt: str, sample_tokens: int, seed: int, rules: str = "default",
              options: RunOptions = RunOptions(), sampling: Sampling = Sampling(0.8, 40, 0.95)) -> dict:
   batches = []
 
-  def validation_batches(meta):          # built before the model compiles: a bad size is a one-line error
-    data = prepare_data(dataclasses.replace(data_spec, tokenizer=meta["tokenizer"]))
-    try:
-      batches[:] = pipeline.fixed_batches(
-          data.sources["validation"], data.tokenizer, seq_len=meta["train_config"]["seq_len"],
-          batch_size=eval_batch_size, num_batches=eval_batches,
-          rows=pipeline.process_rows(eval_batch_size, jax.process_index(), jax.process_count()))
-    except ValueError:
-      raise
-    except Exception as e:  # noqa: BLE001 - a damaged array_record file
-      raise data.damaged(e, "the validation split") from None
+  def read_batches(meta):                # before the model compiles: a bad size is a one-line error
+    batches[:] = validation_batches(data_spec, meta, eval_batch_size, eval_batches)
 
   config, model, tokenizer, meta, (graphdef, state, mesh_obj, rules_t) = load_run(
-      run_dir, mesh, rules, options=options, tokenizer=data_spec.tokenizer, before_compile=validation_batches)
+      run_dir, mesh, rules, options=options, tokenizer=data_spec.tokenizer, before_compile=read_batches)
   ev = evaluate(T.make_eval_step(graphdef, mesh_obj, rules_t), state["params"], batches, mesh_obj, rules_t)
   return {"step": meta["step"], **ev, "cache_elements_per_token": config.cache_elements_per_token(),
           "cache_bytes_per_token_all_layers_fp32": 4 * config.cache_elements_per_token() * config.num_layers,

@@ -57,6 +57,29 @@ def test_whole_cache_figures(paper_report):
   assert mlra4.mesh == "4x1" and paper_report[("mlra4", 8)].mesh == "4x2"
 
 
+def test_bytes_per_token_in_each_cache_format(paper_report):
+  """Scales included: MLA at the paper's (DeepSeek's) width, 512 + 64, takes
+  FlashMLA's 1152 bytes in bf16 and 656 in fp8 (512 values, 4 scales, a bf16
+  rope key); MLRA-4's 128-wide blocks one scale each."""
+  mla, mlra4, mha = paper_report[("mla", 1)], paper_report[("mlra4", 1)], paper_report[("mha", 1)]
+  assert [getattr(mla, f"bytes_per_token_{f}") for f in ("float32", "bfloat16", "fp8", "int8")] == \
+      [2304, 1152, 656, 656]
+  assert mlra4.bytes_per_token_int8 == 4 * (128 + 4) + 64 * 2
+  assert mha.bytes_per_token_fp8 == 2 * 24 * (128 + 4)               # K and V, one scale per head
+
+
+def test_an_8bit_report_measures_scales_on_the_placed_arrays():
+  from mla_jax import RunOptions
+  configs = {v: presets.mlra_paper(v) for v in ("mla", "mlra4")}
+  rows = {(r.variant, r.tp): r for r in cache_report.rows(configs, tps=(1, 4), options=RunOptions(cache_dtype="int8"),
+                                                          batch=1, context=2048)}
+  assert rows[("mla", 1)].cache_bytes_per_token == 656
+  # per device at TP 4: MLRA-4's one block (128 values and a scale) and the replicated bf16 rope key
+  assert rows[("mlra4", 4)].per_device_bytes_total == (128 + 4 + 64 * 2) * 24 * 2048
+  assert rows[("mla", 4)].per_device_bytes_total == 656 * 24 * 2048
+  assert rows[("mlra4", 4)].per_device_dh == pytest.approx(1.5)      # elements: the scales aside
+
+
 def test_csv_and_plot(paper_report, tmp_path):
   rows = list(paper_report.values())
   paths = cache_report.write(rows, str(tmp_path), batch=1, context=2048, layers=24)

@@ -139,6 +139,8 @@ def _cases(w):
       (train + ["--variant=bogus"], "bogus"),
       (train + ["--decode_impl=fast"], "decode_impl"),
       (train + ["--cache_dtype=int4"], "cache_dtype"),
+      (train + ["--variant=mla", "--kv_lora_rank=192", "--cache_dtype=int8"],
+       "cache_dtype=int8 cannot hold mla's kv_latent: a block 192 wide"),
       (train + ["--no_such_flag=1"], "no_such_flag"),
       (train + ["stray"], "unexpected arguments 'stray'"),
       ([f"--flagfile={w}/junk.flags"] + train, "unexpected arguments"),
@@ -152,6 +154,8 @@ def _cases(w):
       (train + ["--rules=bogus"], "rules"),
       (["--mode=eval", f"--output_dir={w}/never_trained"], "train first"),
       (["--mode=generate", f"--output_dir={w}/never_trained"], "train first"),
+      (["--mode=cache_quality", f"--output_dir={w}/never_trained"], "train first"),
+      (["--mode=cache_quality", f"--output_dir={w}/trained", "--quality_prompts=0"], "--quality_prompts must be >= 1"),
       # flagfiles
       ([f"--flagfile={w}/self.flags"] + train, "self.flags includes " + f"{w}/self.flags"),
       ([f"--flagfile={w}/a.flags"] + train, "b.flags includes " + f"{w}/a.flags"),
