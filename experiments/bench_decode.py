@@ -32,6 +32,7 @@ class Cell:
   impl: str
   batch: int
   context: int
+  cache: str = ""                 # the cache format
   step_ms: float | None = None
   tokens_per_s: float | None = None
   cache_bytes: int = 0            # what the step must read: the whole cache
@@ -71,35 +72,35 @@ class DecodeStep:
 
 def bench(config: ModelConfig, *, impls, batches, contexts, steps: int = 10, warmup: int = 2,
           options: RunOptions = RunOptions(cache_dtype="bfloat16"), mesh_spec: str = "",
-          seed: int = 0) -> list[Cell]:
-  """One cell per (decode path, batch, context): the median of `steps` timed decode
-  steps over a full cache (`options` give the cache dtype; `impls` the paths)."""
+          seed: int = 0, formats=None) -> list[Cell]:
+  """One cell per (cache format, decode path, batch, context): the median of
+  `steps` timed decode steps over a full cache (`formats`: cache formats to
+  compare, in one process; default the options' --cache_dtype; `impls` the paths)."""
   mesh = sharding.make_mesh(mesh_spec, config)
   base = sharding.shard_module(Transformer(config, rngs=nnx.Rngs(seed), options=options), mesh)
-  per_token = quant.layout_bytes_per_token(cache_layout(config.attention, options.cache_format))
   peak = peak_bandwidth() if compat.on_gpu() else None
   cells = []
-  for impl in impls:
-    for batch in batches:
-      for context in contexts:
-        cell = Cell(impl, batch, context,
-                    cache_bytes=per_token * config.num_layers * batch * context)
-        cells.append(cell)
-        if impl == "pallas" and not compat.on_gpu():
-          cell.skipped = "no GPU: the Pallas kernels would run in interpret mode"
+  for fmt in formats or [options.cache_format.name]:
+    per_token = quant.layout_bytes_per_token(cache_layout(config.attention, fmt))
+    for impl, batch, context in ((i, b, c) for i in impls for b in batches for c in contexts):
+      cell = Cell(impl, batch, context, quant.cache_format(fmt).name,
+                  cache_bytes=per_token * config.num_layers * batch * context)
+      cells.append(cell)
+      if impl == "pallas" and not compat.on_gpu():
+        cell.skipped = "no GPU: the Pallas kernels would run in interpret mode"
+        continue
+      with sharding.use_mesh(mesh):
+        try:
+          step = DecodeStep(with_options(base, decode_impl=impl, cache_dtype=fmt), batch, context)
+        except ValueError as e:                                      # e.g. no kernel for this shape
+          cell.skipped = str(e).split(";")[0]
           continue
-        with sharding.use_mesh(mesh):
-          try:
-            step = DecodeStep(with_options(base, decode_impl=impl), batch, context)
-          except ValueError as e:                                      # e.g. no kernel for this shape
-            cell.skipped = str(e).split(";")[0]
-            continue
-          cell.xla_bytes = int(compat.cost_analysis(step.compiled).get("bytes accessed", 0))
-          times = [step() for _ in range(warmup + steps)][warmup:]
-        cell.step_ms = 1e3 * statistics.median(times)
-        cell.tokens_per_s = batch / (cell.step_ms / 1e3)
-        if peak:
-          cell.bandwidth_fraction = cell.cache_bytes / (cell.step_ms / 1e3) / peak
+        cell.xla_bytes = int(compat.cost_analysis(step.compiled).get("bytes accessed", 0))
+        times = [step() for _ in range(warmup + steps)][warmup:]
+      cell.step_ms = 1e3 * statistics.median(times)
+      cell.tokens_per_s = batch / (cell.step_ms / 1e3)
+      if peak:
+        cell.bandwidth_fraction = cell.cache_bytes / (cell.step_ms / 1e3) / peak
   return cells
 
 
@@ -114,14 +115,14 @@ def table(cells: list[Cell], config: ModelConfig) -> str:
   dev = jax.devices()[0]
   lines = [f"decode step of {config.attention.variant} ({config.num_layers} layers, d {config.d_model}) on "
            f"{dev.platform}:{dev.device_kind}; cache read = every cached element once",
-           f"{'impl':<9} {'batch':>5} {'context':>7} {'step ms':>8} {'tokens/s':>10} {'cache read':>11} "
+           f"{'impl':<9} {'cache':>8} {'batch':>5} {'context':>7} {'step ms':>8} {'tokens/s':>10} {'cache read':>11} "
            f"{'XLA bytes':>10} {'of peak BW':>10}"]
   for c in cells:
     if c.skipped:
-      lines.append(f"{c.impl:<9} {c.batch:>5} {c.context:>7}  skipped: {c.skipped}")
+      lines.append(f"{c.impl:<9} {c.cache:>8} {c.batch:>5} {c.context:>7}  skipped: {c.skipped}")
       continue
     frac = f"{100 * c.bandwidth_fraction:.0f}%" if c.bandwidth_fraction is not None else "-"
-    lines.append(f"{c.impl:<9} {c.batch:>5} {c.context:>7} {c.step_ms:>8.2f} {c.tokens_per_s:>10,.0f} "
+    lines.append(f"{c.impl:<9} {c.cache:>8} {c.batch:>5} {c.context:>7} {c.step_ms:>8.2f} {c.tokens_per_s:>10,.0f} "
                  f"{_fmt_bytes(c.cache_bytes):>11} {_fmt_bytes(c.xla_bytes):>10} {frac:>10}")
   if not compat.on_gpu():
     lines.append("no GPU here: bandwidth fractions and the Pallas kernels need one (on the CPU XLA's "

@@ -237,6 +237,7 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   d("list", "bench_impls", ["naive", "absorbed", "pallas"], "bench_decode: decode paths to time.")
   d("list", "bench_batches", ["1", "8"], "bench_decode: batch sizes.")
   d("list", "bench_contexts", ["256", "1024"], "bench_decode: context lengths (cache slots).")
+  d("list", "bench_cache_dtypes", [], "bench_decode: cache formats to time side by side (default: --cache_dtype).")
   # serve (the decode engine, mla_jax/engine.py)
   d("string", "requests", "-", "serve: JSON-lines requests, a file or - for standard input.")
   d("string", "serve_output", "-", "serve: where the JSON-lines results go, a file or - for standard output.")

@@ -178,15 +178,19 @@ def run_bench_train() -> None:
 
 def run_bench_decode() -> None:
   from experiments import bench_decode
+  from mla_jax.attention.base import cache_layout
   c = options.build(FLAGS)
   try:
     batches, contexts = [int(b) for b in FLAGS.bench_batches], [int(x) for x in FLAGS.bench_contexts]
   except ValueError:
     raise ValueError("--bench_batches and --bench_contexts take integers, e.g. --bench_contexts=256,1024") from None
   impls = [c.options.replace(decode_impl=impl) for impl in FLAGS.bench_impls]   # validates each
+  formats = [c.options.replace(cache_dtype=f).cache_dtype for f in FLAGS.bench_cache_dtypes]   # and each format
+  for fmt in formats:
+    cache_layout(c.model.attention, fmt)
   cells = bench_decode.bench(c.model, impls=[o.decode_impl for o in impls], batches=batches, contexts=contexts,
                              steps=FLAGS.bench_steps, warmup=FLAGS.bench_warmup, options=c.options,
-                             mesh_spec=c.loop.mesh, seed=c.train.seed)
+                             mesh_spec=c.loop.mesh, seed=c.train.seed, formats=formats)
   print(bench_decode.table(cells, c.model))
 
 

@@ -414,13 +414,17 @@ def test_bench_decode_command():
   out = subprocess.run([sys.executable, "-m", "experiments.run", "--mode=bench_decode", "--variant=mla",
                         "--d_model=64", "--num_heads=4", "--head_dim=16", "--q_lora_rank=32",
                         "--kv_lora_rank=64", "--rope_head_dim=16", "--mlp_dim=128", "--vocab_size=256",
-                        "--bench_batches=2", "--bench_contexts=64", "--bench_steps=2", "--bench_warmup=1"],
+                        "--bench_batches=2", "--bench_contexts=64", "--bench_steps=2", "--bench_warmup=1",
+                        "--bench_cache_dtypes=float32,int8"],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()[:1] in
+  lines = {tuple(line.split()[:2]): line for line in out.stdout.splitlines() if line.split()[:1] in
            (["naive"], ["absorbed"], ["pallas"])}
-  # 2 layers x 2 sequences x 64 slots x 80 elements x 4 bytes (fp32) = 80 KiB of cache per step
-  assert "80.0 KiB" in lines["absorbed"] and "80.0 KiB" in lines["naive"]
+  # 2 layers x 2 sequences x 64 slots x 80 elements x 4 bytes (fp32) = 80 KiB of cache per step; in int8
+  # 64 latent values, a scale and the 16-wide rope key in bf16 per token: 100 bytes, 25 KiB
+  assert "80.0 KiB" in lines[("absorbed", "float32")] and "80.0 KiB" in lines[("naive", "float32")]
+  assert "25.0 KiB" in lines[("absorbed", "int8")] and "25.0 KiB" in lines[("naive", "int8")]
+  lines = {impl: line for (impl, cache), line in lines.items() if cache == "int8"}
   assert "skipped: no GPU" in lines["pallas"]
 
 
