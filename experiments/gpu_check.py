@@ -221,6 +221,8 @@ def main(argv=None) -> int:
       del latent, rope
     if time.perf_counter() - start <= args.budget_s:
       gqa_rows(say, row, key, batch, contexts, args.interpret)
+    if time.perf_counter() - start <= args.budget_s:
+      failures += eight_bit_rows(say, row, key, batch, contexts, args.interpret)
   say("")
   say(f"total {time.perf_counter() - start:.0f} s")
   if args.out:
@@ -263,6 +265,41 @@ def gqa_rows(say, row, key, batch, contexts, interpret):
       continue
     row("  JAX paged GQA 2x128 kv, 16 q heads", batch, context, f"k_splits {splits}", seconds,
         batch * context * kv_heads * dim * 2 * 2, batch * context * heads * dim * 4)
+
+
+def eight_bit_rows(say, row, key, batch, contexts, interpret) -> list[str]:
+  """The first configuration (MLA) over fp8 and int8 pools (mla_jax/quant.py:
+  a scale per token per 128 values, the rope key in bf16), bf16 queries: its
+  error against the fp32 reference over the values the pools hold, and its time."""
+  from mla_jax import quant
+  name, nb, nbr, heads, width, rope_dim = CONFIGS[0]
+  latent, rope, table = paged_cache(key, batch, max(contexts), nb, width, rope_dim, jnp.bfloat16)
+  q_lat, q_rope = queries(key, batch, nb, nbr, heads, width, rope_dim, jnp.bfloat16)
+  failures = []
+  for fmt in ("fp8", "int8"):
+    values, scales = quant.quantize(latent, quant.FORMATS[fmt], quant.tile_width(width))
+    held = quant.dequantize(values, scales, jnp.float32)
+    per_token = quant.layout_bytes_per_token(quant.layout(
+        {"kv_latent": ((nb, width), (None, None)), "rope_key": ((rope_dim,), (None,))}, quant.FORMATS[fmt]))
+    fn = lambda *a: K.latent_attention(*a[:6], a[6], scale=0.1, interpret=interpret)  # noqa: E731
+    for context in contexts:
+      kv_len = jnp.full((batch,), context, jnp.int32)
+      try:
+        got, _ = fn(q_lat, q_rope, values, rope, kv_len, table, scales)
+        want, _ = K.reference(q_lat.astype(jnp.float32), q_rope.astype(jnp.float32), held, rope, kv_len, table,
+                              scale=0.1)
+        rounded, _ = K.reference(q_lat, q_rope, held, rope, kv_len, table, scale=0.1, probs_dtype=jnp.bfloat16)
+        err, tol = float(jnp.abs(got - want).max()), 4 * float(jnp.abs(rounded - want).max()) + 1e-3
+        seconds = timed(fn, q_lat, q_rope, values, rope, kv_len, table, scales, iters=3 if interpret else 10)
+      except Exception as e:  # noqa: BLE001 - report and go on
+        say(f"  {name} {fmt} {batch} {context}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+        failures.append(f"{name} {fmt} batch {batch} context {context}")
+        continue
+      if err > tol:
+        failures.append(f"{name} {fmt} batch {batch} context {context}: error {err:.2e} > {tol:.2e}")
+      row(f"  {name} {fmt} cache (err {err:.0e})", batch, context, "-", seconds, batch * context * per_token,
+          batch * context * K.flops_per_token(nb, nbr, heads, width, rope_dim))
+  return failures
 
 
 if __name__ == "__main__":
