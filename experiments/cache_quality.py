@@ -257,12 +257,15 @@ def page(rows: list[dict], *, sweep: str, seed: int, steps: int, path: str) -> N
            f"is {100 * agree['bfloat16']:.1f}% for bfloat16, {100 * agree['fp8']:.1f}% for fp8 and "
            f"{100 * agree['int8']:.1f}% for int8.\n\n")
   body += table(rows) + "\n"
+  if os.path.exists(NOTES):
+    body += "\n" + open(NOTES).read()
   with open(path, "w") as f:
     f.write(body)
   plot(rows, os.path.splitext(path)[0] + ".png", "KV-cache formats: quality cost against bytes per token")
 
 
 FLAGS = flags.FLAGS
+NOTES = "experiments/sweeps/cache_quality.notes.md"       # what the page shows and cannot, in words
 
 
 def main(argv):

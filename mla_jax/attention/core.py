@@ -5,6 +5,8 @@
                                    (the latent family's decode form: the latent is the key and the value)
     softmax(scores, visible)       the masked softmax both use, with its log-sum-exp
     merge(parts)                   attention over disjoint key sets combined exactly
+    over_keys(attend_keys, cache)  an 8-bit cache (`quant.Quantized` arrays) read in chunks of keys,
+                                   each dequantized where it is read, merged as above
 
 Both forms take an optional decoupled rope part, scored separately and added
 to the scores (`q_rope . rope_key`: the latent family's shared rope key, GTA's;
