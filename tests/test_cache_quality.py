@@ -21,27 +21,28 @@ def test_cache_quality_scores_what_decoding_token_by_token_sees():
   model = random_model(small_config("mla", layers=2), seed=4)
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, model.config.vocab_size, (2, 13)).astype(np.int32)]
-  rows = {r["format"]: r for r in cache_quality.measure(model, batches, prompt_len=4, num_prompts=2,
-                                                        new_tokens=6, progress=lambda _: None)}
+  rows = {r["format"]: r for r in cache_quality.measure(model, batches, prompt_len=4, num_prompts=2, new_tokens=6,
+                                                        formats=("float32", "int8"), progress=lambda _: None)}
   tokens = jnp.asarray(batches[0])
   forward = jax.nn.log_softmax(model(tokens[:, :-1]), -1)
   want = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]), tokens[:, 1:]).mean()
   assert rows["float32"]["val_loss"] == pytest.approx(float(want), rel=1e-5)
   assert (rows["float32"]["kl_vs_fp32"], rows["float32"]["greedy_agreement"]) == (0.0, 1.0)
-  for fmt in ("fp8", "int8"):
-    cache, lengths, steps = model.init_cache(2, 12, fmt), jnp.zeros((2,), jnp.int32), []
-    for t in range(12):
-      logits, cache = _decode(model, tokens[:, t], cache, lengths)
-      steps.append(jax.nn.log_softmax(logits, -1))
-      lengths = lengths + 1
-    decoded = np.stack([np.asarray(s) for s in steps], 1)
-    nll = float(-np.take_along_axis(decoded, np.asarray(tokens[:, 1:, None]), -1).mean())
-    forward = np.asarray(forward)
-    kl = float((np.exp(forward) * (forward - decoded)).sum(-1).mean())
-    assert rows[fmt]["val_loss"] == pytest.approx(nll, rel=1e-5)
-    assert rows[fmt]["kl_vs_fp32"] == pytest.approx(kl, rel=1e-3, abs=1e-9) and kl > 0
-    assert rows[fmt]["bytes_per_token_layer"] == quant.layout_bytes_per_token(
-        quant.layout(model.config.attention.cache_spec(), quant.FORMATS[fmt]))
+  assert set(rows) == {"float32", "int8"}
+  fmt = "int8"
+  cache, lengths, steps = model.init_cache(2, 12, fmt), jnp.zeros((2,), jnp.int32), []
+  for t in range(12):
+    logits, cache = _decode(model, tokens[:, t], cache, lengths)
+    steps.append(jax.nn.log_softmax(logits, -1))
+    lengths = lengths + 1
+  decoded = np.stack([np.asarray(s) for s in steps], 1)
+  nll = float(-np.take_along_axis(decoded, np.asarray(tokens[:, 1:, None]), -1).mean())
+  forward = np.asarray(forward)
+  kl = float((np.exp(forward) * (forward - decoded)).sum(-1).mean())
+  assert rows[fmt]["val_loss"] == pytest.approx(nll, rel=1e-5)
+  assert rows[fmt]["kl_vs_fp32"] == pytest.approx(kl, rel=1e-3, abs=1e-9) and kl > 0
+  assert rows[fmt]["bytes_per_token_layer"] == quant.layout_bytes_per_token(
+      quant.layout(model.config.attention.cache_spec(), quant.FORMATS[fmt]))
 
 
 @pytest.mark.full

@@ -218,9 +218,9 @@ def test_kernel_over_an_8bit_cache_matches_numpy_over_its_values(variant, heads,
   check_kernel_8bit(variant, heads, latent_dim, rope_dim, queries, fmt, paged, rope_too)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8"])
-@pytest.mark.parametrize("variant,heads,latent_dim,rope_dim,paged", [("mla", 128, 512, 64, True),
-                                                                      ("mlra4", 24, 512, 64, False)])
+@pytest.mark.parametrize("variant,heads,latent_dim,rope_dim,paged,fmt", _full(
+    [("mla", 128, 512, 64, True, "fp8"), ("mlra4", 24, 512, 64, False, "int8"), ("mla", 128, 512, 64, True, "int8"),
+     ("mlra4", 24, 512, 64, False, "fp8")], [("mla", 128, 512, 64, True, "fp8"), ("mlra4", 24, 512, 64, False, "int8")]))
 def test_kernel_over_an_8bit_cache_lowers_for_cuda(variant, heads, latent_dim, rope_dim, paged, fmt):
   """bf16 queries over fp8/int8 tiles with fp32 scales (FlashMLA's layout at DeepSeek's shape)."""
   args, _ = _inputs(variant, heads, latent_dim, rope_dim, 1, jnp.bfloat16, paged)

@@ -87,8 +87,7 @@ def test_decode_over_a_quantized_cache_equals_fp32_attention_over_its_values(var
   check_against_fp32_values(variant, fmt, queries=1)
 
 
-@pytest.mark.parametrize("fmt", EIGHT_BIT)
-@pytest.mark.parametrize("variant", ["mla", "gqa"])
+@pytest.mark.parametrize("variant,fmt", [("mla", "int8"), pytest.param("gqa", "fp8", marks=pytest.mark.full)])
 def test_several_query_tokens_over_a_quantized_cache(variant, fmt):
   check_against_fp32_values(variant, fmt, queries=3)
 
@@ -117,7 +116,7 @@ def _temp_bytes(attn, cache, batch):
   return step.lower(state, x, cache, lengths).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("variant", ["mla", "gqa", "tpa"])
+@pytest.mark.parametrize("variant", ["mla", "tpa", pytest.param("gqa", marks=pytest.mark.full)])
 def test_a_compiled_decode_step_holds_no_dequantized_copy_of_the_cache(variant, monkeypatch):
   batch, length = 4, 8 * core.KEY_CHUNK
   attn = _layer(variant, "int8")
@@ -158,8 +157,7 @@ def check_paged_matches_dense(variant, fmt, decode_impl="absorbed", page_size=4)
     lengths = lengths + s
 
 
-@pytest.mark.parametrize("fmt", EIGHT_BIT)
-@pytest.mark.parametrize("variant", ["mla", "gqa"])
+@pytest.mark.parametrize("variant,fmt", [("gqa", "fp8")])     # the latent kernel's test below reads MLA's int8 pages
 def test_paged_quantized_cache_matches_dense(variant, fmt):
   check_paged_matches_dense(variant, fmt)
 
@@ -210,7 +208,7 @@ def check_sharded_matches_unsharded(variant, fmt, mesh_spec="tensor:4", decode_i
                                err_msg=f"{variant} {fmt} on {mesh_spec}: {'prefill' if i == 0 else f'step {i}'}")
 
 
-@pytest.mark.parametrize("fmt", EIGHT_BIT)
+@pytest.mark.parametrize("fmt", [pytest.param("fp8", marks=pytest.mark.full), "int8"])
 def test_tensor_parallel_quantized_cache_matches_unsharded(fmt):
   check_sharded_matches_unsharded("mlra4", fmt)
 
