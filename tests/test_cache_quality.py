@@ -8,7 +8,7 @@ import pytest
 
 from helpers import random_model, small_config
 from mla_jax import quant
-from runner_helpers import story_file  # noqa: F401 - a fixture
+from runner_helpers import story_file  # noqa: F401,F811 - a fixture
 from test_sharding import _decode
 
 
