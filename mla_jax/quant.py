@@ -121,8 +121,13 @@ def layout(spec: dict, fmt: Format, variant: str = "this variant") -> dict[str, 
       raise ValueError(f"cache_dtype={fmt.name} cannot hold {variant}'s {name}: {e}; formats that work for it: "
                        "float32, bfloat16") from None
     out[name] = Stored(shape, axes, fmt.storage, tile)
-    out[name + SCALE] = Stored(shape[:-1] + (width // tile,), axes[:-1] + (None,), SCALE_DTYPE)
+    out[name + SCALE] = Stored(shape[:-1] + (width // tile,), scale_axes(axes), SCALE_DTYPE)
   return out
+
+
+def scale_axes(axes: tuple) -> tuple:
+  """Logical axes of an array's scales: its own, the tile axis unsharded."""
+  return tuple(axes[:-1]) + (None,)
 
 
 def layout_bytes_per_token(stored: dict[str, Stored]) -> int:

@@ -123,7 +123,7 @@ class Attention(nnx.Module):
     if cache is None:
       return cache_axes(self.config, self.options.cache_format)
     axes = cache_axes(self.config)
-    return {name: axes[name] if name in axes else axes[name[:-len(quant.SCALE)]][:-1] + (None,) for name in cache}
+    return {name: axes[name] if name in axes else quant.scale_axes(axes[name[:-len(quant.SCALE)]]) for name in cache}
 
   def prefill(self, x: jax.Array, positions: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     """Forward over a (right-padded) prompt batch, writing its entries at slots [0, seq).
