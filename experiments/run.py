@@ -36,7 +36,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import options
-from mla_jax import presets, registry
+from mla_jax import compat, presets, registry
 
 # Every flag: the config dataclasses' fields and each mode's own (experiments/options.py).
 options.define(flags.FLAGS)
@@ -278,8 +278,7 @@ def main(argv):
       tps = _parse_tps()
       # The report lays caches out on simulated CPU devices; JAX reads this when it starts.
       if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={max(tps)}").strip()
+        os.environ["XLA_FLAGS"] = compat.simulated_cpu_devices(max(tps), os.environ.get("XLA_FLAGS", ""))
       run_kv_report(tps, compiled=FLAGS.mode == "decode_traffic")
     elif FLAGS.mode == "convert":
       run_convert()

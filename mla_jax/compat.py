@@ -125,3 +125,17 @@ def shard_map(f, *, mesh, in_specs, out_specs):
 def on_gpu() -> bool:
   import jax
   return jax.default_backend() == "gpu"
+
+
+# XLA:CPU runs simulated devices as threads of one process and aborts the process
+# when a collective's threads have not all arrived within 40 s (its default). On a
+# few busy cores (a test suite on two, a laptop doing two things) that is no hang,
+# so simulated meshes wait up to ten minutes. An unknown XLA flag is fatal: these
+# are the names of jaxlib 0.10.
+_PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                        "--xla_cpu_collective_timeout_seconds=600")
+
+
+def simulated_cpu_devices(count: int, flags: str = "") -> str:
+  """XLA_FLAGS for `count` simulated CPU devices (added to `flags`); set before JAX starts."""
+  return f"{flags} --xla_force_host_platform_device_count={count} {_PATIENT_COLLECTIVES}".strip()

@@ -2,8 +2,6 @@
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole suite, its runner subprocesses included:
 # the same tiny models compile in many tests (the runner tests' train, eval and
@@ -14,7 +12,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402
+import jax  # noqa: E402  (after the settings above: JAX reads them when imported)
+
+from mla_jax.compat import simulated_cpu_devices  # noqa: E402
+
+os.environ["XLA_FLAGS"] = simulated_cpu_devices(8, os.environ.get("XLA_FLAGS", ""))  # read when JAX starts
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
