@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat, registry
-from mla_jax.attention.base import cache_axes, init_cache, init_pages
+from mla_jax.attention.base import POOL_AXES, cache_axes, init_cache, init_pages
 from mla_jax.config import ModelConfig, RunOptions
 from mla_jax.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, param
 from mla_jax.rules import constrain
@@ -192,12 +192,11 @@ class Transformer(nnx.Module):
     format `fmt` (default: the options' --cache_dtype), laid out per layer like `init_cache`."""
     fmt = self.options.cache_format if fmt is None else fmt
     one = lambda: init_pages(self.config.attention, num_pages, page_size, fmt)  # noqa: E731
-    # a pool has no batch axis (any page serves any sequence): split by its per-token axes only
     pool_axes = self.cache_axes(fmt)
     if self.config.scan_layers:
       return {k: constrain(jnp.broadcast_to(v, (self.config.num_layers,) + v.shape),
-                           ("layers", None, None) + pool_axes[k][3:]) for k, v in one().items()}
-    return [{k: constrain(v, (None, None) + axes[k][2:]) for k, v in one().items()} for axes in pool_axes]
+                           ("layers",) + POOL_AXES + pool_axes[k][3:]) for k, v in one().items()}
+    return [{k: constrain(v, POOL_AXES + axes[k][2:]) for k, v in one().items()} for axes in pool_axes]
 
 
 def with_options(model: Transformer, **changes) -> Transformer:

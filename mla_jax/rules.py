@@ -3,10 +3,13 @@
 sharding constraint modules call. It imports nothing of mla_jax; meshes,
 placement and layout checks live above the model, in `mla_jax.sharding`.
 
-The mesh has four axes: `data`, `fsdp`, and the tensor-parallel degree T the
-user asks for, factored as `tensor` x `tensor_rep` (see `mla_jax.sharding`):
-cache-entry axes (KV heads, latent heads or blocks) map to `tensor`; query
-heads, MLP and vocab map to (`tensor`, `tensor_rep`), i.e. all T devices.
+The mesh has five axes: `data`, `fsdp`, `context`, and the tensor-parallel
+degree T the user asks for, factored as `tensor` x `tensor_rep` (see
+`mla_jax.sharding`): cache-entry axes (KV heads, latent heads or blocks) map to
+`tensor`; query heads, MLP and vocab map to (`tensor`, `tensor_rep`), i.e. all
+T devices. `context` splits decode caches by token (context parallelism: each
+device attends over its own tokens, `mla_jax.attention.core.over_keys`);
+nothing else maps to it, so parameters and activations are replicated over it.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "tensor_rep")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "tensor_rep")
 TP = ("tensor", "tensor_rep")  # all tensor-parallel devices
 
 # Logical axis name -> mesh axes. Names not listed are replicated.
@@ -27,7 +30,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("cache_batch", ("data", "fsdp")),
     ("length", None),
-    ("cache_length", None),
+    ("cache_length", "context"),   # a dense cache's tokens, a page pool's slots within each page
     ("act_embed", None),
     ("act_heads", TP),
     ("act_mlp", TP),
@@ -134,3 +137,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = current
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape, rules=rules, strict=False))
+
+
+def mesh_axis_size(name: str) -> int:
+  """The size of mesh axis `name` while tracing under a mesh (1 without one)."""
+  current = _ACTIVE.get()
+  return 1 if current is None else axis_sizes(current[0]).get(name, 1)
+
+
+def pin(x: jax.Array, dim: int, mesh_axis: str | None) -> jax.Array:
+  """Shard dimension `dim` of `x` over `mesh_axis` (None: replicate it), leaving
+  the other dimensions' layout to XLA; a no-op outside a mesh."""
+  current = _ACTIVE.get()
+  if current is None:
+    return x
+  spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+  spec[dim % x.ndim] = mesh_axis
+  return jax.lax.with_sharding_constraint(x, NamedSharding(current[0], PartitionSpec(*spec)))

@@ -1,8 +1,9 @@
 """Meshes, placement and layout checks, above the model. The rules table that
 maps logical axis names to mesh axes is `mla_jax.rules` (re-exported here).
 
-The mesh has four axes: `data`, `fsdp`, and the tensor-parallel degree T the
-user asks for, factored as `tensor` x `tensor_rep`:
+The mesh has five axes: `data`, `fsdp`, `context` (decode caches split by
+token, see `mla_jax.rules`), and the tensor-parallel degree T the user asks
+for, factored as `tensor` x `tensor_rep`:
 
 * Every variant has one axis of n *cache entries* that tensor parallelism
   splits: KV heads (MHA/MQA/GQA, GTA), latent blocks (MLRA), latent heads
@@ -39,10 +40,11 @@ from mla_jax.rules import (MESH_AXES, RULE_PRESETS, RULES, TP, Rules, activate, 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-  """What the user asks for: `data:2,fsdp:1,tensor:4`."""
+  """What the user asks for: `data:2,fsdp:1,tensor:4` (`context:2` too, for decoding)."""
   data: int = 1
   fsdp: int = 1
   tensor: int = 1
+  context: int = 1
 
   @classmethod
   def parse(cls, spec: "str | MeshSpec | Mapping[str, int] | None") -> "MeshSpec":
@@ -65,10 +67,10 @@ class MeshSpec:
         if name.strip() in items:
           raise ValueError(f"mesh axis {name.strip()!r} given twice in {spec!r}")
         items[name.strip()] = int(size)
-    unknown = sorted(set(items) - {"data", "fsdp", "tensor"})
+    unknown = sorted(set(items) - {"data", "fsdp", "tensor", "context"})
     if unknown:
-      raise ValueError(f"unknown mesh axis {unknown[0]!r} in {spec!r}: the axes are data, fsdp "
-                       "and tensor, e.g. --mesh=data:2,tensor:4")
+      raise ValueError(f"unknown mesh axis {unknown[0]!r} in {spec!r}: the axes are data, fsdp, "
+                       "tensor and context, e.g. --mesh=data:2,tensor:4")
     for name, size in items.items():
       if size < 1:
         raise ValueError(f"mesh axis {name} has size {size}; sizes must be >= 1")
@@ -76,10 +78,11 @@ class MeshSpec:
 
   @property
   def size(self) -> int:
-    return self.data * self.fsdp * self.tensor
+    return self.data * self.fsdp * self.context * self.tensor
 
   def __str__(self) -> str:
-    return f"data:{self.data},fsdp:{self.fsdp},tensor:{self.tensor}"
+    context = f",context:{self.context}" if self.context > 1 else ""
+    return f"data:{self.data},fsdp:{self.fsdp}{context},tensor:{self.tensor}"
 
 
 def factor_tensor(tp: int, entries: int, what: str = "cache entries") -> tuple[int, int]:
@@ -122,7 +125,7 @@ def make_mesh(spec: "str | MeshSpec | Mapping[str, int] | None" = None, config=N
     check_layout(config, spec, rules)
     tensor, rep = factor_tensor(spec.tensor, config.attention.partition_entries(),
                                 config.attention.partition_entries_name())
-  shape = (spec.data, spec.fsdp, tensor, rep)
+  shape = (spec.data, spec.fsdp, spec.context, tensor, rep)
   return compat.make_mesh(shape, MESH_AXES, devices=all_devices[: spec.size])
 
 
@@ -193,14 +196,14 @@ def check_layout(config, spec: "str | MeshSpec", rules: Rules = RULES) -> None:
   entries = attn.partition_entries()
   try:
     tensor, rep = factor_tensor(spec.tensor, entries, attn.partition_entries_name())
-    sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
+    sizes = {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
     for path, shape, axes in _abstract_arrays(config):
       logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
   except ValueError as e:
     works = valid_tp_degrees(config, spec, rules=rules)
     raise ValueError(f"{config.attention.variant} cannot shard on mesh {spec}: {e}; "
                      f"TP degrees that work for this model (with data:{spec.data},"
-                     f"fsdp:{spec.fsdp}): {_fmt_degrees(works) or 'none'}") from None
+                     f"fsdp:{spec.fsdp},context:{spec.context}): {_fmt_degrees(works) or 'none'}") from None
 
 
 def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 64,
@@ -211,7 +214,7 @@ def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 
   good = []
   for tp in _entry_degrees(entries, limit):
     tensor, rep = factor_tensor(tp, entries)
-    sizes = {"data": spec.data, "fsdp": spec.fsdp, "tensor": tensor, "tensor_rep": rep}
+    sizes = {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
     try:
       for path, shape, axes in arrays:
         logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
@@ -231,16 +234,18 @@ def place_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, fmt="
   return jax.jit(lambda: init_cache(attn, batch, max_len, fmt), out_shardings=shardings)()
 
 
-def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, int]:
+def per_device_cache_elements(cache: Mapping[str, jax.Array]) -> dict[str, float]:
   """Elements per token of each cache array held on one device, measured from
-  its buffers: the shard's size over (its batch rows x its length)."""
+  its buffers: the shard's size over (its batch rows x the whole length), so a
+  cache split by token over `context` counts 1 / CP of each token."""
   out = {}
   for name, x in cache.items():
     shard = x.addressable_shards[0].data
-    out[name] = int(np.prod(shard.shape[2:]))
+    n = int(np.prod(shard.shape[1:])) / x.shape[1]
+    out[name] = int(n) if n == int(n) else n
   return out
 
 
-def per_device_cache_bytes(cache: Mapping[str, jax.Array]) -> int:
+def per_device_cache_bytes(cache: Mapping[str, jax.Array]) -> float:
   """Bytes per token of one device's share of `cache` (every array, scales included)."""
   return sum(n * cache[name].dtype.itemsize for name, n in per_device_cache_elements(cache).items())

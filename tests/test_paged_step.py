@@ -8,12 +8,15 @@ the null page) and must never leak, as must a rejected speculative draft
 (written, then rolled back by length); every parameter is random. The reference
 is the model's own training forward over each whole sequence (no cache).
 """
+import contextlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from helpers import random_model, small_config
+from mla_jax import sharding
 from mla_jax.paging import PagePool
 
 LENGTHS = (13, 6, 21)
@@ -35,23 +38,42 @@ def _dense_step(model, tokens, cache, lengths):
 
 
 def kernel_config(variant, **kw):
-  """Widths the Triton latent kernel takes (powers of 2 >= 16)."""
+  """Widths the Triton kernels take (powers of 2 >= 16): ours for the latent family, JAX's for GQA / MQA."""
+  if variant in ("mha", "mqa", "gqa", "mfa"):
+    return small_config(variant, head_dim=16, **kw)
   return small_config(variant, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16, **kw)
 
 
-def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=False, seed=0):
-  config = (kernel_config(variant) if decode_impl == "pallas" else small_config(variant)).replace(
-      scan_layers=scan_layers)
+def check_paged_steps(variant, page_size, decode_impl="auto", *, scan_layers=False, seed=0, mesh=None,
+                      **config_kw):
+  """`mesh`: the steps run sharded on it (the reference stays one device's forward)."""
+  config = (kernel_config(variant, **config_kw) if decode_impl == "pallas" else
+            small_config(variant, **config_kw)).replace(scan_layers=scan_layers)
   model = random_model(config, seed, decode_impl=decode_impl)
+  with contextlib.ExitStack() as stack:
+    want = np.asarray(_forward(model, jnp.asarray(_tokens(config, seed))))
+    if mesh is not None:
+      mesh = sharding.make_mesh(mesh, config)
+      model = sharding.shard_module(model, mesh)
+      stack.enter_context(sharding.use_mesh(mesh))
+    _check_steps(model, config, page_size, seed, want)
+
+
+def _tokens(config, seed):
+  return np.random.default_rng(seed).integers(0, config.vocab_size, (len(LENGTHS), max(LENGTHS))).astype(np.int32)
+
+
+def _check_steps(model, config, page_size, seed, want):
+  variant = config.attention.variant
   rng = np.random.default_rng(seed)
   seq = max(LENGTHS)
   tokens = rng.integers(0, config.vocab_size, (len(LENGTHS), seq)).astype(np.int32)
-  want = np.asarray(_forward(model, jnp.asarray(tokens)))
+  assert (tokens == _tokens(config, seed)).all()
   width = -(-seq // page_size) + 1                     # one spare column: it stays the null page
   pool = PagePool(len(LENGTHS) * (width - 1) + 1, page_size,
                   order=rng.permutation(np.arange(1, len(LENGTHS) * (width - 1) + 1)).tolist())
   pools = model.init_pages(pool.num_pages, page_size, jnp.float32)
-  dense = model.init_cache(len(LENGTHS), seq + 8, jnp.float32)
+  dense = model.init_cache(len(LENGTHS), 32, jnp.float32)   # 32 slots: they split over context:8
   lengths = np.zeros(len(LENGTHS), np.int32)
   widths = [4, 1, 3, 1, 1, 4, 3, 1, 1, 4, 1, 1, 3, 1, 1, 1, 1, 1]     # few distinct widths: few compiles
   for i, s in enumerate(widths):

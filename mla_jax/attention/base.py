@@ -23,13 +23,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import quant
+from mla_jax import quant, rules
 from mla_jax.attention import core
 from mla_jax.config import AttentionConfig, RunOptions
 from mla_jax.paging import NULL_PAGE
 from mla_jax.rules import constrain
 
 Cache = dict[str, jax.Array]
+
+# A page pool's leading axes: any page serves any sequence (no batch axis); each
+# page's slots split over `context` like a dense cache's tokens.
+POOL_AXES = (None, "cache_length")
 
 
 def cache_layout(config: AttentionConfig, fmt="float32") -> dict[str, quant.Stored]:
@@ -166,6 +170,8 @@ class Attention(nnx.Module):
     new = stored(self.cache_entries(x, positions), cache)
     axes = self.cache_axes(cache)
     new_cache, view = {}, {}
+    kv_len = lengths + x.shape[1]     # slots [0, lengths[b] + S) hold sequence b's tokens, the new ones included
+    ways = rules.mesh_axis_size("context")   # the devices splitting each sequence's tokens (see core.over_keys)
     for name, entries in new.items():
       buf = cache[name]
       if pages is None:
@@ -176,10 +182,11 @@ class Attention(nnx.Module):
         page_size = buf.shape[1]
         page = jnp.take_along_axis(pages, positions // page_size, axis=1, mode="fill", fill_value=NULL_PAGE)
         buf = buf.at[page, positions % page_size].set(entries)
-        new_cache[name] = constrain(buf, (None, None) + axes[name][2:])
+        new_cache[name] = constrain(buf, POOL_AXES + axes[name][2:])
         if self.reads_pages():        # a kernel reads the pools through the table
           view[name] = core.Paged(new_cache[name], pages)
         else:                         # XLA reads the table's pages gathered: the table's width bounds the work
-          view[name] = constrain(core.Paged(buf, pages).dense(), axes[name])
-    # slots [0, lengths[b] + S) hold sequence b's tokens, the new ones included
-    return self.attend(x, positions, as_read(view), lengths + x.shape[1]), new_cache
+          view[name] = constrain(core.Paged(buf, pages).dense(ways), axes[name])
+          if ways > 1:                # whose slots are device-major, not in token order
+            kv_len = core.Slots(lengths + x.shape[1], core.Paged(buf, pages).slot_tokens(ways))
+    return self.attend(x, positions, as_read(view), kv_len), new_cache

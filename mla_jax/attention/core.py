@@ -5,8 +5,10 @@
                                    (the latent family's decode form: the latent is the key and the value)
     softmax(scores, visible)       the masked softmax both use, with its log-sum-exp
     merge(parts)                   attention over disjoint key sets combined exactly
-    over_keys(attend_keys, cache)  an 8-bit cache (`quant.Quantized` arrays) read in chunks of keys,
-                                   each dequantized where it is read, merged as above
+    over_keys(attend_keys, cache)  decode over a cache: split by token over the mesh's `context`
+                                   devices (each attends over its own, one collective merges
+                                   them as above); an 8-bit cache (`quant.Quantized` arrays)
+                                   read in chunks of keys, each dequantized where it is read
 
 Both forms take an optional decoupled rope part, scored separately and added
 to the scores (`q_rope . rope_key`: the latent family's shared rope key, GTA's;
@@ -28,7 +30,9 @@ log-sum-exps [B, *H, S].
 Which keys each query sees is one rule: query s of S sits at position
 kv_len - S + s and sees keys t <= that position (kv_len None: all T keys, i.e.
 causal attention over the sequence's own entries). Decode passes kv_len =
-tokens cached per sequence; training and prefill pass None.
+tokens cached per sequence; training and prefill pass None. Where the key axis
+is not in token order (a page pool split over `context`, read by XLA) decode
+passes `Slots`: the lengths, and the token each key slot holds.
 
 The backend (our einsums, jax.nn.dot_product_attention, the Pallas decode
 kernels) is resolved once per module from the run options and the device
@@ -95,9 +99,43 @@ class Paged:
   pool: jax.Array
   table: jax.Array
 
-  def dense(self) -> jax.Array:
-    """[B, width x page_size, ...]: the table's pages gathered (what XLA paths read)."""
-    return self.pool[self.table].reshape((self.table.shape[0], -1) + self.pool.shape[2:])
+  def dense(self, ways: int = 1) -> jax.Array:
+    """[B, width x page_size, ...]: the table's pages gathered (what XLA paths read).
+
+    Split over `ways` context devices, each page's slots are split into `ways`
+    runs, one per device (`mla_jax.rules`: the pool's slot axis is
+    `cache_length`), and the view is device-major: device c's runs of every
+    page, then device c + 1's, so that each device's share is one contiguous
+    block of the view (the layout XLA keeps split without moving bytes). The
+    token each view slot holds is `slot_tokens(ways)`."""
+    view = self.pool[self.table]                                     # [B, width, page_size, ...]
+    batch, width, page_size = view.shape[:3]
+    if ways > 1:
+      view = view.reshape((batch, width, ways, page_size // ways) + view.shape[3:])
+      view = jnp.moveaxis(view, 2, 1)
+    return view.reshape((batch, width * page_size) + view.shape[3 + (ways > 1):])
+
+  def slot_tokens(self, ways: int) -> jax.Array:
+    """[width x page_size]: the token position each slot of `dense(ways)` holds."""
+    width, page_size = self.table.shape[1], self.pool.shape[1]
+    device, page, slot = jnp.meshgrid(jnp.arange(ways), jnp.arange(width), jnp.arange(page_size // ways),
+                                      indexing="ij")
+    return (page * page_size + device * (page_size // ways) + slot).reshape(-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """Decode's kv_len where key slots are not in token order (`Paged.dense`
+  split over `context`): lengths [B], tokens each sequence has cached, and
+  tokens [T], the position each key slot holds."""
+  lengths: jax.Array
+  tokens: jax.Array
+
+
+def lengths_of(kv_len):
+  """The tokens each sequence has cached, from a kv_len (an array or `Slots`)."""
+  return kv_len.lengths if isinstance(kv_len, Slots) else kv_len
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -114,32 +152,38 @@ def token_major(y):
   return quant.map_rows(lambda a: jnp.moveaxis(a, -2, 1), y)
 
 
-def _gathered(a):
-  """A cache array as XLA reads it: paged pools gathered through their table (values and scales alike)."""
+def _gathered(a, ways: int = 1):
+  """A cache array as XLA reads it: paged pools gathered through their table
+  (values and scales alike), device-major when split over `ways` (`Paged.dense`)."""
   if isinstance(a, quant.Quantized):
-    return a.map(_gathered)
-  return a.dense() if isinstance(a, Paged) else a
+    return a.map(lambda x: _gathered(x, ways))
+  return a.dense(ways) if isinstance(a, Paged) else a
 
 
-def _specs(q_ndim: int, k_ndim: int, branched: bool = False) -> tuple[str, str]:
+def _specs(q_ndim: int, k_ndim: int, branched: bool = False, keep_branches: bool = False) -> tuple[str, str]:
   """einsum specs of q . k and probs . v: the key's head axes are a prefix of the
   query's; a branched key has one more axis r before its tokens, scored and
-  normalised separately and summed over in probs . v (with t)."""
+  normalised separately and summed over in probs . v (with t), or kept there
+  (`keep_branches`: outputs over disjoint keys then merge branch by branch)."""
   heads = "ghijklmn"[:q_ndim - 3]
   r = "r" if branched else ""
   kv_heads = heads[:k_ndim - 3 - len(r)]
-  return (f"b{heads}sd,b{kv_heads}{r}td->b{heads}{r}st", f"b{heads}{r}st,b{kv_heads}{r}te->b{heads}se")
+  kept = r if keep_branches else ""
+  return (f"b{heads}sd,b{kv_heads}{r}td->b{heads}{r}st", f"b{heads}{r}st,b{kv_heads}{r}te->b{heads}{kept}se")
 
 
 # ----------------------------------------------------------------------------- the formulas
 
 
-def mask(kv_len: jax.Array | None, q_len: int, k_len: int) -> jax.Array:
-  """[B or 1, q_len, k_len]: query s sees keys t <= kv_len - q_len + s (kv_len None: k_len)."""
+def mask(kv_len: "jax.Array | Slots | None", q_len: int, k_len: int) -> jax.Array:
+  """[B or 1, q_len, k_len]: query s sees keys t <= kv_len - q_len + s (kv_len None: k_len),
+  t the token a key slot holds (its index, or `Slots.tokens`)."""
   s, t = jnp.arange(q_len)[:, None], jnp.arange(k_len)[None, :]
   if kv_len is None:
     return (t <= s + (k_len - q_len))[None]
-  return t[None] <= (kv_len[:, None, None] - q_len + s[None])
+  if isinstance(kv_len, Slots):
+    t = kv_len.tokens[None, :]
+  return t[None] <= (lengths_of(kv_len)[:, None, None] - q_len + s[None])
 
 
 def softmax(scores: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -162,10 +206,10 @@ def _leading(a: jax.Array, ndim: int) -> jax.Array:
   return a.reshape(a.shape[:1] + (1,) * (ndim - a.ndim) + a.shape[1:])
 
 
-def _attend(q, key, value, visible, scale, q_rope, rope_key, branched):
+def _attend(q, key, value, visible, scale, q_rope, rope_key, branched, keep_branches=False):
   """The one formula: scores (plus a separately scored rope part), masked softmax,
   weighted values."""
-  score_spec, value_spec = _specs(q.ndim, key.ndim, branched)
+  score_spec, value_spec = _specs(q.ndim, key.ndim, branched, keep_branches)
   scores = jnp.einsum(score_spec, q, key.astype(q.dtype), preferred_element_type=jnp.float32)
   if q_rope is not None:
     rope_spec, _ = _specs(q_rope.ndim, rope_key.ndim)
@@ -224,18 +268,52 @@ def _causal(q, key, value, scale, q_rope, rope_key, chunks, branched):
 KEY_CHUNK = 512
 
 
-def over_keys(attend_keys, cache: dict, kv_len: jax.Array, q_len: int, axis: int = -2):
+def over_keys(attend_keys, cache: dict, kv_len, q_len: int, axis: int = -2):
   """attend_keys(cache, visible) -> (out, lse) run over the keys of `cache` (a
-  dict of arrays, some `quant.Quantized`, their tokens on `axis`): in one call
-  when nothing is quantized, else KEY_CHUNK keys at a time, each chunk
-  dequantized where it is read and the parts merged by log-sum-exp. In one
-  piece XLA would materialise the dequantized operand of each dot, a float copy
-  of the whole cache (tests/test_quantized_cache.py checks the compiled temporaries)."""
+  dict of arrays, some `quant.Quantized`, their tokens on `axis`) in decode.
+
+  Context parallelism: under a mesh whose `context` axis has W devices, the key
+  axis (split into W contiguous blocks, one per device: `mla_jax.rules`) is cut
+  into those blocks; each device attends over its own block, and the W partial
+  (out, lse) are gathered in one collective and merged exactly (`merge`). A
+  block holding none of a sequence's tokens gets weight 0 there.
+
+  On each device: in one call when nothing is quantized, else KEY_CHUNK keys at
+  a time, each chunk dequantized where it is read and the parts merged by
+  log-sum-exp. In one piece XLA would materialise the dequantized operand of
+  each dot, a float copy of the whole cache (tests/test_quantized_cache.py
+  checks the compiled temporaries)."""
   present = {name: a for name, a in cache.items() if a is not None}
   k_len = next(iter(present.values())).shape[axis]
   visible = mask(kv_len, q_len, k_len)
+  ways = rules.mesh_axis_size("context")
+  if ways == 1:
+    return _in_chunks(attend_keys, present, visible, axis)
+  if k_len % ways:
+    raise ValueError(f"a cache of {k_len} slots does not split over context:{ways}; use a cache "
+                     f"length (or page size) that is a multiple of {ways}")
+
+  def blocks(a, at):                # tokens [.., T, ..] -> [.., W, T / W, ..], one block per device
+    at = at % a.ndim
+    a = a.reshape(a.shape[:at] + (ways, a.shape[at] // ways) + a.shape[at + 1:])
+    return rules.pin(a, at, "context")
+
+  block_axis = axis if axis >= 0 else axis - 1
+  parts = jax.vmap(lambda c, v: _in_chunks(attend_keys, c, v, axis), in_axes=(block_axis, 2))(
+      {name: quant.map_rows(lambda x: blocks(x, axis), a) for name, a in present.items()}, blocks(visible, 2))
+  # One all-gather of every block's (out, lse), packed into one array; each device merges them.
+  out, lse = parts
+  packed = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
+  packed = rules.pin(rules.pin(packed, 0, "context"), 0, None)
+  merged, lse = merge_stacked(packed[..., :-1], packed[..., -1])
+  return merged.astype(out.dtype), lse
+
+
+def _in_chunks(attend_keys, present: dict, visible: jax.Array, axis: int):
+  """`over_keys` on one device: KEY_CHUNK keys at a time where anything is quantized."""
   if not any(isinstance(a, quant.Quantized) for a in present.values()):
-    return attend_keys(cache, visible)
+    return attend_keys(present, visible)
+  k_len = next(iter(present.values())).shape[axis]
 
   def part(lo, size):
     def cut(x):
@@ -250,26 +328,27 @@ def over_keys(attend_keys, cache: dict, kv_len: jax.Array, q_len: int, axis: int
   return merge([out, part(whole * KEY_CHUNK, rest)]) if rest else out
 
 
-def _over_quantized_keys(q, key, value, kv_len, scale, q_rope, rope_key, branched):
-  """`_attend` through `over_keys`: each chunk of keys, values (the same array
-  in the absorbed form: dequantized once) and rope keys dequantized as read."""
+def _over_cache(q, key, value, kv_len, scale, q_rope, rope_key, branched):
+  """Decode's `_attend` through `over_keys`: keys, values (the same array in the
+  absorbed form: dequantized once) and rope keys, dequantized where read if 8-bit.
+  Branches stay apart until the parts over disjoint keys are merged (each has
+  its own softmax), then are summed."""
   def attend_keys(c, visible):
     k = quant.dequantized(c["key"], q.dtype)
     v = k if value is key else quant.dequantized(c["value"], q.dtype)
     rk = None if rope_key is None else quant.dequantized(c["rope_key"], q.dtype)
-    return _attend(q, k, v, visible, scale, q_rope, rk, branched)
-  return over_keys(attend_keys, {"key": key, "value": None if value is key else value, "rope_key": rope_key},
-                   kv_len, q.shape[-2])
+    return _attend(q, k, v, visible, scale, q_rope, rk, branched, keep_branches=branched)
+  out, lse = over_keys(attend_keys, {"key": key, "value": None if value is key else value, "rope_key": rope_key},
+                       kv_len, q.shape[-2])
+  return (out.sum(axis=-3) if branched else out), lse
 
 
 def _xla(q, key, value, kv_len, scale, q_rope, rope_key, backend, branched=False):
-  if kv_len is not None and any(isinstance(a, quant.Quantized) for a in (key, value, rope_key)):
-    return _over_quantized_keys(q, key, value, kv_len, scale, q_rope, rope_key, branched)
-  if kv_len is None:
-    if backend.training == "dpa":
-      return _dpa(q, key, value, scale, q_rope, rope_key, branched)
-    return _causal(q, key, value, scale, q_rope, rope_key, backend.causal_chunks, branched)
-  return _attend(q, key, value, mask(kv_len, q.shape[-2], key.shape[-2]), scale, q_rope, rope_key, branched)
+  if kv_len is not None:
+    return _over_cache(q, key, value, kv_len, scale, q_rope, rope_key, branched)
+  if backend.training == "dpa":
+    return _dpa(q, key, value, scale, q_rope, rope_key, branched)
+  return _causal(q, key, value, scale, q_rope, rope_key, backend.causal_chunks, branched)
 
 
 def expanded(q: jax.Array, key: jax.Array, value: jax.Array, *, scale: float, kv_len: jax.Array | None = None,
@@ -307,7 +386,11 @@ def absorbed(q_latent: jax.Array, latent: "jax.Array | Paged", *, scale: float, 
     out = _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend)
     if out is not None:
       return out
-  latent, rope_key = _gathered(latent), _gathered(rope_key)
+  ways = rules.mesh_axis_size("context")
+  pages = latent.values if isinstance(latent, quant.Quantized) else latent
+  if ways > 1 and isinstance(pages, Paged):
+    kv_len = Slots(lengths_of(kv_len), pages.slot_tokens(ways))
+  latent, rope_key = _gathered(latent, ways), _gathered(rope_key, ways)
   latent = heads_major(quant.map_rows(lambda a: a.reshape(a.shape[:2] + q_latent.shape[1:-3] + a.shape[-1:]), latent))
   return _xla(q_latent, latent, latent, kv_len, scale, q_rope, rope_key, backend)
 
@@ -315,11 +398,15 @@ def absorbed(q_latent: jax.Array, latent: "jax.Array | Paged", *, scale: float, 
 def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
   """Attention over the union of disjoint key sets from each set's (out, lse):
   out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i."""
-  lses = jnp.stack([lse for _, lse in parts])
-  lse = jax.nn.logsumexp(lses, axis=0)
-  weights = jnp.exp(lses - lse[None])[..., None]
-  out = jnp.sum(weights * jnp.stack([o.astype(jnp.float32) for o, _ in parts]), axis=0)
+  out, lse = merge_stacked(jnp.stack([o.astype(jnp.float32) for o, _ in parts]),
+                           jnp.stack([lse for _, lse in parts]))
   return out.astype(parts[0][0].dtype), lse
+
+
+def merge_stacked(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`merge` of parts stacked on axis 0 (outs [P, ..., D] in fp32, lses [P, ...])."""
+  lse = jax.nn.logsumexp(lses, axis=0)
+  return jnp.sum(jnp.exp(lses - lse[None])[..., None] * outs, axis=0), lse
 
 
 # ----------------------------------------------------------------------------- jax.nn.dot_product_attention
@@ -365,11 +452,30 @@ def _unsupported(backend: Backend, why: str):
   return None                       # pallas_if_supported: XLA takes it
 
 
-def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
+def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes, *, over_context: bool = False):
   """Run `fn(*args)` once per device under the active mesh (shard_map), each
   argument split by its logical axes (None: not an array, passed through);
-  without a mesh, just call it. For kernels that XLA cannot partition."""
+  without a mesh, just call it. For kernels that XLA cannot partition.
+
+  `over_context`: fn is attention over this device's share of a cache split
+  over `context`, called as fn(device's index on `context`, *args) -> (out,
+  lse); the shares' results are merged (one all-gather) into the whole's."""
   current = rules.active()
+  if over_context:
+    ways = rules.mesh_axis_size("context")
+    attend_share = fn
+
+    def fn(*a):
+      if ways == 1:
+        return attend_share(0, *a)
+      out, lse = attend_share(jax.lax.axis_index("context"), *a)
+      gathered = jax.lax.all_gather(jnp.concatenate([out.astype(jnp.float32), lse[..., None]], -1), "context")
+      merged, lse = merge_stacked(gathered[..., :-1], gathered[..., -1])
+      return merged.astype(out.dtype), lse
+
+    if current is None or ways == 1:
+      return fn(*args)
+    shapes = jax.eval_shape(lambda *a: attend_share(0, *a), *args)
   if current is None:
     return fn(*args)
   mesh, table = current
@@ -387,7 +493,7 @@ def per_device(fn, args: Sequence, arg_axes: Sequence, out_axes):
       full[i] = x
     return fn(*full)
 
-  out_shapes = jax.eval_shape(fn, *args)
+  out_shapes = shapes if over_context else jax.eval_shape(fn, *args)
   out_specs = jax.tree.map(lambda s, axes: spec(s, axes), out_shapes, out_axes,
                            is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
   return compat.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
@@ -404,7 +510,8 @@ def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
   if q_rope is not None:
     return _unsupported(backend, "JAX's GQA/MQA decode ops take no separately scored rope key (GTA); "
                                  "no Pallas decode kernel for it yet")
-  why = jax_decode.plan(key.shape[-2], q.shape[-1])[1]
+  ways = rules.mesh_axis_size("context")
+  why = jax_decode.plan(key.shape[-2] // ways, q.shape[-1])[1]       # each device's share of the cache
   if why:
     return _unsupported(backend, why)
   batch, heads = q.shape[0], q.shape[1:-2]
@@ -419,9 +526,20 @@ def _kernel_expanded(q, key, value, kv_len, scale, q_rope, rope_key, backend):
     k, v = key, value
     cache_axes = ("cache_batch", "cache_length", "head_dim")
     op = jax_decode.mqa
-  out, lse = per_device(lambda q, k, v, n: op(q, k, v, n, scale=scale, interpret=backend.interpret),
-                        (flat_q, k, v, kv_len), (q_axes, cache_axes, cache_axes, lens),
-                        (q_axes, ("batch", "q_heads")))
+  tokens = kv_len.tokens if isinstance(kv_len, Slots) else jnp.arange(key.shape[-2])   # each key slot's token
+
+  def run(device, q, k, v, n, tokens):
+    if ways == 1:
+      return op(q, k, v, n, scale=scale, interpret=backend.interpret)
+    # this device's share: its slots holding the sequence's tokens are a prefix of them (one new token: S = 1)
+    held = jnp.sum(tokens[None, :] < n[:, None], axis=-1)
+    out, lse = op(q, k, v, held, scale=scale, interpret=backend.interpret)
+    some = (held > 0)[:, None]
+    return jnp.where(some[..., None], out, 0), jnp.where(some, lse, -jnp.inf)
+
+  out, lse = per_device(run, (flat_q, k, v, lengths_of(kv_len), tokens),
+                        (q_axes, cache_axes, cache_axes, lens, ("cache_length",)),
+                        (q_axes, ("batch", "q_heads")), over_context=True)
   return out.reshape((batch,) + heads + (1, out.shape[-1])), lse.reshape((batch,) + heads + (1,))
 
 
@@ -434,8 +552,9 @@ def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
                            else (rope_key, None))
   paged = isinstance(latent, Paged)
   pool = latent.pool if paged else latent
+  ways = rules.mesh_axis_size("context")    # each device holds 1 / ways of every page
   why = (latent_kernel.unsupported(pool.shape[-1], 0 if rope_key is None else _width(rope_key),
-                                   pool.shape[1] if paged else None)
+                                   pool.shape[1] // ways if paged else None)
          or latent_kernel.storage_unsupported(pool.dtype))
   if why:
     return _unsupported(backend, why)
@@ -463,18 +582,21 @@ def _kernel_latent(q_latent, latent, kv_len, scale, q_rope, rope_key, backend):
   lat_scales = None if lat_scales is None else stored(lat_scales).reshape(pool.shape[:2] + (blocks, -1))
   rope, rope_scales = (None if a is None else stored(a) for a in (rope_key, rope_scales))
   table = latent.table if paged else None
-  lead = (None, None) if paged else ("cache_batch", "cache_length")
+  lead = (None, "cache_length") if paged else ("cache_batch", "cache_length")
   q_axes = ("batch", "latent_blocks", None, None)
 
-  def run(q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales):
+  def run(device, q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales):
+    # this device's share of a cache split over `context`: from token (dense) or page slot (pools) `first` on
+    first = device * lat.shape[1]
     return latent_kernel.latent_attention(q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales,
-                                          scale=scale, queries=queries, interpret=backend.interpret)
+                                          scale=scale, queries=queries, interpret=backend.interpret,
+                                          ways=ways, first=first)
 
   context, lse = per_device(
       run, (q_lat, q_r, lat, rope, kv_len, table, lat_scales, rope_scales),
       (q_axes, ("batch", rope_axis, None, None), lead + ("latent_blocks", "latent_dim"), lead + ("rope_dim",),
        ("batch",), ("batch", None) if paged else None, lead + ("latent_blocks", None), lead + (None,)),
-      (q_axes, q_axes[:3]))
+      (q_axes, q_axes[:3]), over_context=True)
   context = jnp.swapaxes(context.reshape((batch, blocks, queries, per_block, width)), 2, 3)
   lse = jnp.swapaxes(lse.reshape((batch, blocks, queries, per_block)), 2, 3)
   return context.reshape((batch,) + heads + (queries, width)), lse.reshape((batch,) + heads + (queries,))

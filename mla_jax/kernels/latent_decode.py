@@ -217,15 +217,26 @@ def _i(j: int):
 
 def _kernel(len_ref, table_ref, ql_ref, qr_ref, lat_ref, rope_ref, lat_scale_ref, rope_scale_ref, o_ref, m_ref,
             l_ref, *, scale: float, block_k: int, splits: int, queries: int, heads: int, page_size: int | None,
-            tile: int, allow_tf32: bool | None):
-  """One program: one sequence, one tile of rows (all NB blocks), one split of its live tokens."""
+            tile: int, allow_tf32: bool | None, run: int, ways: int):
+  """One program: one sequence, one tile of rows (all NB blocks), one split of its live tokens.
+
+  Under context parallelism (`ways` > 1) the cache here is this device's share:
+  runs of `run` slots, run i holding tokens [first + i x run x ways, + run)
+  (a dense cache: one run; a pool: each page's share). len_ref holds the
+  sequence's token count n and `first`."""
   gpu = compat.pallas_gpu()
   row_tile, split = pl.program_id(0), pl.program_id(2)
   blocks, rows, width = ql_ref.shape
   tiles = width // tile                                      # 8-bit caches: one scale per token per tile
   rope_queries = 0 if qr_ref is None else qr_ref.shape[0]    # 1: shared by all blocks (MLRA's branches)
-  n = len_ref[0]
-  num_tiles = pl.cdiv(n, block_k)
+  n, first = len_ref[0], len_ref[1]
+  stride = run * ways
+  live_n = (n // stride) * run + jnp.clip(n % stride - first, 0, run)      # slots here holding tokens < n
+
+  def token(pos):                   # the token a slot here holds
+    return pos + first + (pos // run) * (stride - run)
+
+  num_tiles = pl.cdiv(live_n, block_k)
   per_split = pl.cdiv(num_tiles, splits)
   first_tile = split * per_split
   count = jnp.clip(num_tiles - first_tile, 0, per_split)
@@ -263,8 +274,8 @@ def _kernel(len_ref, table_ref, ql_ref, qr_ref, lat_ref, rope_ref, lat_scale_ref
   def body(i, carry):
     tile_index = first_tile + i
     pos = tile_index * block_k + offsets
-    live = pos < n
-    visible = pos[None, :] <= last_seen[:, None]                       # [rows, block_k]
+    live = pos < live_n
+    visible = token(pos)[None, :] <= last_seen[:, None]                # [rows, block_k]
     rope_scores = []
     if rope_queries:                                                   # once per tile, for every block
       rope_key = cache_tile(rope_ref, rope_scale_ref, tile_index, live, scale_index=(_i(0),))
@@ -308,14 +319,15 @@ def _combine(o, m, l):
   weight = jnp.exp(m - safe[None])                       # 0 for splits that saw no key
   denom = (weight * l).sum(axis=0)
   context = (weight[..., None] * o).sum(axis=0) / jnp.maximum(denom, 1e-30)[..., None]
-  lse = safe + jnp.log(jnp.maximum(denom, 1e-30))
+  # rows that saw no key (a context-parallel shard holding none of the sequence): lse -inf, weight 0 in a merge
+  lse = jnp.where(denom > 0, safe + jnp.log(jnp.maximum(denom, 1e-30)), -jnp.inf)
   return context, lse
 
 
 def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, latent_scales=None, rope_scales=None,
                         *, scale: float, queries: int = 1, splits: int | None = None, max_rows: int | None = None, block_k: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
-                        return_partials: bool = False):
+                        return_partials: bool = False, ways: int = 1, first=0):
   """Attention of `queries` new tokens per sequence over a latent cache.
 
   q_latent [B, NB, M, L] with M = queries x heads rows (query-major),
@@ -329,6 +341,11 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, late
   dequantized where it is loaded, into the queries' dtype (the dots run in it).
   Returns context [B, NB, M, L] (float32) and lse [B, NB, M]; with
   `return_partials`, also the per-split (o, m, l) and the plan.
+
+  Context parallelism: the cache is one device's share of `ways` (a dense
+  cache's contiguous block of tokens from `first` on; a pool's run of each
+  page's slots, the run starting at slot `first` of the whole page), kv_len the
+  whole sequence's: lse is over this share's keys (-inf where it holds none).
   """
   batch, blocks, rows, width = q_latent.shape
   if rows % queries:
@@ -358,7 +375,7 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, late
   per_seq = lambda shape: pl.BlockSpec((None,) + shape[1:], lambda r, b, s: (b,) + (0,) * (len(shape) - 1))  # noqa: E731
   cache_spec = per_seq if pages is None else whole
   in_specs = [
-      pl.BlockSpec((1,), lambda r, b, s: (b,)),                                     # kv_len
+      pl.BlockSpec((None, 2), lambda r, b, s: (b, 0)),                              # kv_len, first
       None if pages is None else per_seq(pages.shape),                              # this sequence's page table
       pl.BlockSpec((None, blocks, p.rows, width), lambda r, b, s: (b, 0, r, 0)),
       None if q_rope is None else pl.BlockSpec((None, q_rope.shape[1], p.rows, rope_dim),
@@ -376,12 +393,14 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, late
                jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32)]
   kernel = functools.partial(_kernel, scale=scale, block_k=p.block_k, splits=p.splits, queries=queries,
                              heads=rows // queries, page_size=page_size, tile=tile,
-                             allow_tf32=False if compute == jnp.float32 else None)
+                             allow_tf32=False if compute == jnp.float32 else None,
+                             run=capacity if pages is None else page_size, ways=ways)
+  kv_len = jnp.stack([kv_len.astype(jnp.int32), jnp.broadcast_to(jnp.asarray(first, jnp.int32), kv_len.shape)], -1)
   o, m, l = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=compat.pallas_gpu_params(num_warps=p.num_warps, num_stages=p.num_stages),
       interpret=interpret, name="latent_attention",
-  )(kv_len.astype(jnp.int32), None if pages is None else pages.astype(jnp.int32), q_latent, q_rope, latent, rope,
+  )(kv_len, None if pages is None else pages.astype(jnp.int32), q_latent, q_rope, latent, rope,
     latent_scales, rope_scales)
   o, m, l = o[..., :rows, :], m[..., :rows], l[..., :rows]
   context, lse = _combine(o, m, l)
@@ -391,7 +410,8 @@ def latent_attention_fn(q_latent, q_rope, latent, rope, kv_len, pages=None, late
 
 
 latent_attention = jax.jit(latent_attention_fn, static_argnames=(
-    "scale", "queries", "splits", "max_rows", "block_k", "num_warps", "num_stages", "interpret", "return_partials"))
+    "scale", "queries", "splits", "max_rows", "block_k", "num_warps", "num_stages", "interpret", "return_partials",
+    "ways"))
 
 
 def reference(q_latent, q_rope, latent, rope, kv_len, pages=None, *, scale: float, queries: int = 1,
