@@ -1,8 +1,8 @@
 """KV-cache report and decode-traffic report, one code path.
 
-`rows()` measures, per variant and TP degree: parameters, cache per token, and
-the per-device cache measured from arrays actually placed on a (simulated)
-mesh. With `compiled=True` it also compiles one Transformer block's sharded
+`rows()` measures, per variant, TP degree and context-parallel degree CP:
+parameters, cache per token, and the per-device cache measured from arrays
+actually placed on a (simulated) mesh. With `compiled=True` it also compiles one Transformer block's sharded
 decode step and reads, from the compiled program: the cache and weight bytes
 each device takes in (its input shardings applied to the global shapes), XLA's
 total bytes accessed, and every collective in the HLO. `write()` prints the
@@ -44,8 +44,10 @@ class Row:
   cache_elements_per_token: int          # per layer, whole model (all devices together)
   cache_bytes_per_token: int             # per layer, in the options' cache format (scales included)
   cache_bytes_total: int                 # all layers, the given batch and context
+  cp: int = 1                            # context-parallel degree (the cache split by token)
   mesh: str = ""                         # tensor x tensor_rep actually used
-  per_device_elements_per_token: int | None = None   # per layer, measured on the device buffers
+  per_device_elements_per_token: float | None = None  # per layer per token of a sequence, measured on the
+  #                                                      device buffers (a device holds 1 / CP of the tokens)
   per_device_dh: float | None = None     # the same in units of d_h = d_model / num_heads
   per_device_bytes_total: int | None = None           # all layers, the given batch and context
   note: str = ""                         # why there is no layout at this TP degree
@@ -72,12 +74,13 @@ def head_unit(config: ModelConfig) -> int:
   return config.d_model // config.attention.num_heads
 
 
-def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8), batch: int = 1,
-         context: int = 2048, options: RunOptions = REPORT_OPTIONS, devices=None,
+def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8), cps: Sequence[int] = (1,),
+         batch: int = 1, context: int = 2048, options: RunOptions = REPORT_OPTIONS, devices=None,
          compiled: bool = False) -> list[Row]:
-  """One row per (variant, TP degree). Per-device figures come from one layer's
-  cache allocated on a `tensor:TP` mesh of `devices` (default: the CPU devices);
-  with `compiled`, also from one block's compiled decode step at `batch` x `context`."""
+  """One row per (variant, TP degree, CP degree). Per-device figures come from
+  one layer's cache allocated on a `context:CP,tensor:TP` mesh of `devices`
+  (default: the CPU devices); with `compiled`, also from one block's compiled
+  decode step at `batch` x `context`."""
   devices = list(jax.devices("cpu") if devices is None else devices)
   fmt = options.cache_format
   out = []
@@ -92,14 +95,14 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
         base[f"bytes_per_token_{f}"] = quant.layout_bytes_per_token(cache_layout(config.attention, f))
       except ValueError:
         pass
-    for tp in tps:
-      row = Row(tp=tp, **base)
-      if tp > len(devices):
-        row.note = f"needs {tp} devices, {len(devices)} available"
+    for tp, cp in [(tp, cp) for tp in tps for cp in cps]:
+      row = Row(tp=tp, cp=cp, **base)
+      if tp * cp > len(devices):
+        row.note = f"needs {tp * cp} devices, {len(devices)} available"
         out.append(row)
         continue
       try:
-        mesh = sharding.make_mesh(f"tensor:{tp}", config, devices=devices)
+        mesh = sharding.make_mesh(f"context:{cp},tensor:{tp}", config, devices=devices)
       except ValueError as e:
         row.note = str(e)
         out.append(row)
@@ -107,12 +110,12 @@ def rows(configs: Mapping[str, ModelConfig], *, tps: Sequence[int] = (1, 2, 4, 8
       sizes = sharding.axis_sizes(mesh)
       row.mesh = f"{sizes['tensor']}x{sizes['tensor_rep']}"
       # A small cache is enough: the layout per token does not depend on length.
-      cache = sharding.place_cache(config, mesh, batch=1, max_len=8, fmt=fmt)
+      cache = sharding.place_cache(config, mesh, batch=1, max_len=8 * cp, fmt=fmt)
       elements = sum(n for k, n in sharding.per_device_cache_elements(cache).items() if not k.endswith(quant.SCALE))
       row.per_device_elements_per_token = elements
       row.per_device_dh = elements / head_unit(config)
-      row.per_device_bytes_total = (sharding.per_device_cache_bytes(cache) * config.num_layers * batch
-                                    * context)
+      row.per_device_bytes_total = round(sharding.per_device_cache_bytes(cache) * config.num_layers * batch
+                                         * context)
       if compiled:
         _add_compiled(row, config, mesh, batch=batch, context=context, options=options)
       out.append(row)
@@ -171,10 +174,7 @@ def _add_compiled(row: Row, config: ModelConfig, mesh, *, batch, context, option
   row.step_collective_bytes = sum(c.bytes for c in colls)
   elements = sum(c.bytes // max(1, hlo.dtype_bytes(c)) for c in colls)
   row.step_collective_dh = elements / local_batch / unit
-  counts: dict[str, int] = {}
-  for c in colls:
-    counts[c.op] = counts.get(c.op, 0) + 1
-  row.step_collectives = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+  row.step_collectives = hlo.kinds(colls)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -188,6 +188,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def table(report: Sequence[Row], *, batch: int, context: int, layers: int) -> str:
+  report = [r for r in report if r.cp == 1]          # the KV report compares TP degrees
   tps = sorted({r.tp for r in report})
   variants = list(dict.fromkeys(r.variant for r in report))
   by = {(r.variant, r.tp): r for r in report}
@@ -226,21 +227,22 @@ def _or_na(n: int | None) -> str:
 
 
 def traffic_table(report: Sequence[Row], *, batch: int, context: int, decode_impl: str) -> str:
-  """One line per (variant, TP): what one block's compiled decode step moves, per device."""
+  """One line per (variant, TP, CP): what one block's compiled decode step moves, per device."""
   w = max(len("variant"), *(len(r.variant) for r in report)) + 1
-  head = (f"{'variant':<{w}} {'TP':>3} {'mesh':>5} {'cache d_h/tok':>13} {'cache/dev':>10} "
+  head = (f"{'variant':<{w}} {'TP':>3} {'CP':>3} {'mesh':>5} {'cache d_h/tok':>13} {'cache/dev':>10} "
           f"{'weights/dev':>11} {'XLA bytes':>10} {'coll. d_h/tok':>13} {'coll./dev':>10}  collectives")
   lines = [f"Decode traffic of one Transformer block, per device per decode step ({decode_impl} decode, "
            f"batch {batch}, context {context}), read from the compiled programs", head, "-" * len(head)]
   for r in report:
     if r.step_cache_bytes is None:
-      lines.append(f"{r.variant:<{w}} {r.tp:>3} {'-':>5} {'n/a':>13}  ({r.note.split(': ', 1)[-1][:90]})")
+      lines.append(f"{r.variant:<{w}} {r.tp:>3} {r.cp:>3} {'-':>5} {'n/a':>13}  "
+                   f"({r.note.split(': ', 1)[-1][:90]})")
       continue
-    lines.append(f"{r.variant:<{w}} {r.tp:>3} {r.mesh:>5} {r.step_cache_dh:>13.4g} "
+    lines.append(f"{r.variant:<{w}} {r.tp:>3} {r.cp:>3} {r.mesh:>5} {r.step_cache_dh:>13.4g} "
                  f"{_fmt_bytes(r.step_cache_bytes):>10} {_fmt_bytes(r.step_weight_bytes):>11} "
                  f"{_fmt_bytes(r.step_bytes_accessed):>10} {r.step_collective_dh:>13.4g} "
                  f"{_fmt_bytes(r.step_collective_bytes):>10}  {r.step_collectives or 'none'}")
-  lines += ["", "cache d_h/tok: KV-cache elements each device reads per token, from the compiled step's "
+  lines += ["", "cache d_h/tok: KV-cache elements each device reads per token of a sequence, from the compiled step's "
             "input shardings; coll. d_h/tok: elements all collectives move per token. XLA bytes: the "
             "CPU cost analysis, which also counts unfused intermediates (scores, softmax passes, the "
             "cache update), so it exceeds cache + weights."]
@@ -251,23 +253,24 @@ def plot_traffic(report: Sequence[Row], path: str, *, title: str = "") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  tps = sorted({r.tp for r in report})
+  layouts = sorted({(r.tp, r.cp) for r in report})
   variants = list(dict.fromkeys(r.variant for r in report))
-  by = {(r.variant, r.tp): r for r in report}
+  by = {(r.variant, r.tp, r.cp): r for r in report}
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(15, 4.8))
-  width = 0.8 / len(tps)
-  for j, t in enumerate(tps):
+  width = 0.8 / len(layouts)
+  for j, (t, c) in enumerate(layouts):
+    label = f"TP {t}" + (f" x CP {c}" if c > 1 else "")
     for ax, field in ((ax0, "step_cache_dh"), (ax1, "step_collective_dh")):
       xs, ys = [], []
       for i, v in enumerate(variants):
-        val = getattr(by[(v, t)], field)
-        x = i + (j - (len(tps) - 1) / 2) * width
+        val = getattr(by[(v, t, c)], field)
+        x = i + (j - (len(layouts) - 1) / 2) * width
         if val is None:
           ax.text(x, 1.05 if ax is ax0 else 0, "x", ha="center", va="bottom", color="tab:red", fontsize=9)
         else:
           xs.append(x)
           ys.append(val)
-      ax.bar(xs, ys, width=width, label=f"TP {t}", color=f"C{j}")
+      ax.bar(xs, ys, width=width, label=label, color=f"C{j % 10}")
   for ax, label in ((ax0, "KV cache read per token, units of d_h"),
                     (ax1, "collectives per token, units of d_h")):
     ax.set_xticks(range(len(variants)), variants, rotation=45, ha="right")
@@ -278,7 +281,7 @@ def plot_traffic(report: Sequence[Row], path: str, *, title: str = "") -> None:
   ax0.set_ylim(1.0, top * 2)
   ax0.set_title("cache each device reads (compiled decode step; x = no layout)")
   ax1.set_title("what the devices exchange (HLO collectives)")
-  ax0.legend(ncols=len(tps), fontsize=8)
+  ax0.legend(ncols=min(len(layouts), 5), fontsize=7)
   _save(fig, path, title)
 
 

@@ -52,3 +52,11 @@ def summarize(colls: list[Collective]) -> dict[str, int]:
   for c in colls:
     total[c.op] = total.get(c.op, 0) + c.bytes
   return total
+
+
+def kinds(colls: list[Collective]) -> str:
+  """e.g. "all-gather x1, all-reduce x2" ("" for none)."""
+  counts: dict[str, int] = {}
+  for c in colls:
+    counts[c.op] = counts.get(c.op, 0) + 1
+  return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))

@@ -1,6 +1,7 @@
 """The KV report: per-device cache at each TP degree, measured on placed arrays,
 against the MLRA paper's figures and the layouts' own arithmetic."""
 import csv
+import itertools
 import os
 import subprocess
 import sys
@@ -158,14 +159,19 @@ def test_compiled_decode_collectives(traffic):
 
 
 def test_decode_traffic_command(tmp_path):
-  out = _run("--mode=decode_traffic", "--family=flags", "--variants=mla,mlra4", "--tps=1,4",
+  out = _run("--mode=decode_traffic", "--family=flags", "--variants=mla,mlra4", "--tps=1,4", "--cps=1,2",
              "--d_model=64", "--num_heads=4", "--head_dim=16", "--kv_lora_rank=32", "--rope_head_dim=8",
              "--q_lora_rank=32", "--mlp_dim=128", "--context=64", f"--output_dir={tmp_path}")
   assert out.returncode == 0, out.stderr
   assert "Decode traffic of one Transformer block" in out.stdout
   with open(tmp_path / "decode_traffic_flags.csv") as f:
-    rows = {(r["variant"], r["tp"]): r for r in csv.DictReader(f)}
+    rows = {(r["variant"], r["tp"], r["cp"]): r for r in csv.DictReader(f)}
   # mlra4 at TP 4 here: one 8-wide block + the 8-wide rope key = 16 elements = 1 d_h of 16
-  assert float(rows[("mlra4", "4")]["step_cache_dh"]) == pytest.approx(1.0)
-  assert float(rows[("mla", "4")]["step_cache_dh"]) == pytest.approx(2.5)
+  assert float(rows[("mlra4", "4", "1")]["step_cache_dh"]) == pytest.approx(1.0)
+  assert float(rows[("mla", "4", "1")]["step_cache_dh"]) == pytest.approx(2.5)
+  # context parallelism: each device reads half the tokens, and pays one all-gather per layer for it
+  for v, tp in itertools.product(("mla", "mlra4"), ("1", "4")):
+    assert float(rows[(v, tp, "2")]["step_cache_dh"]) == pytest.approx(float(rows[(v, tp, "1")]["step_cache_dh"]) / 2)
+    assert rows[(v, tp, "2")]["step_collectives"].count("all-gather x1") == 1
+    assert "all-gather" not in rows[(v, tp, "1")]["step_collectives"]
   assert os.path.exists(tmp_path / "decode_traffic_flags.png")
