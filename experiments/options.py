@@ -105,7 +105,7 @@ def all_specs() -> list[FlagSpec]:
 
 
 MODES = ("train", "eval", "generate", "serve", "bench_train", "bench_decode", "kv_report", "decode_traffic",
-         "convert", "params", "cache_quality")
+         "convert", "params", "cache_quality", "plan")
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -264,5 +264,15 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
     "presets of the MLRA paper or the small-model study; flags: every --variants entry built from the model flags.")
   d("list", "variants", registry.variants(), "kv_report with --family=flags: the variants.")
   d("list", "tps", ["1", "2", "4", "8"], "kv_report, decode_traffic: tensor-parallel degrees.")
-  d("integer", "batch", 1, "kv_report, decode_traffic: batch size.")
-  d("integer", "context", 2048, "kv_report, decode_traffic: context length (cache slots).")
+  d("list", "cps", ["1"], "decode_traffic: context-parallel degrees (the cache split by token); each TP x CP "
+    "layout that fits the simulated devices is compiled.")
+  d("integer", "batch", 1, "kv_report, decode_traffic, plan: batch size.")
+  d("integer", "context", 2048, "kv_report, decode_traffic, plan: context length (cache slots).")
+  # plan
+  d("integer", "plan_devices", 8, "plan: devices in the mesh; every --tps x --cps layout that divides them is "
+    "planned, the rest of the devices on `data`.")
+  d("float", "device_memory_gb", 80.0, "plan: memory per device, GB (1e9 bytes).")
+  d("float", "hbm_gbps", 3350.0, "plan: memory bandwidth per device, GB/s, for the step-time bound (default: "
+    "H100 SXM's datasheet 3.35 TB/s).")
+  d("float", "link_gbps", 450.0, "plan: collective bandwidth per device, GB/s, for the step-time bound "
+    "(default: NVLink 4, 450 GB/s each way).")

@@ -220,12 +220,12 @@ def run_cache_quality() -> None:
                     new_tokens=FLAGS.quality_tokens, num_prompts=FLAGS.quality_prompts)
 
 
-def run_kv_report(tps, compiled: bool) -> None:
+def run_kv_report(tps, cps, compiled: bool) -> None:
   from mla_jax import cache_report
   configs = family_configs()
   cache_report.check_devices(tps)
   first = next(iter(configs.values()))
-  report = cache_report.rows(configs, tps=tps, batch=FLAGS.batch, context=FLAGS.context,
+  report = cache_report.rows(configs, tps=tps, cps=cps, batch=FLAGS.batch, context=FLAGS.context,
                              options=options.run_options(FLAGS), compiled=compiled)
   title = (f"{FLAGS.family}: d_model {first.d_model}, {first.num_layers} layers, "
            f"{first.attention.num_heads} heads; {options.run_options(FLAGS).cache_format.name} cache")
@@ -236,6 +236,32 @@ def run_kv_report(tps, compiled: bool) -> None:
   else:
     cache_report.write(report, FLAGS.output_dir, name=f"kv_report_{FLAGS.family}", batch=FLAGS.batch,
                        context=FLAGS.context, layers=first.num_layers, title=title)
+
+
+def run_plan(tps, cps) -> None:
+  from mla_jax import plan
+  if FLAGS.device_memory_gb <= 0 or FLAGS.hbm_gbps <= 0 or FLAGS.link_gbps <= 0:
+    raise ValueError("--device_memory_gb, --hbm_gbps and --link_gbps must be > 0")
+  if FLAGS.batch < 1 or FLAGS.context < 1:
+    raise ValueError(f"--batch and --context must be >= 1, got {FLAGS.batch} and {FLAGS.context}")
+  layouts = [(tp, cp) for tp in tps for cp in cps if FLAGS.plan_devices % (tp * cp) == 0]
+  if not layouts:
+    raise ValueError(f"no --tps x --cps layout divides --plan_devices={FLAGS.plan_devices}: use degrees whose "
+                     f"products divide it, e.g. --tps=1,2,4,8 --cps=1,2")
+  from tqdm import tqdm
+  run_options = options.run_options(FLAGS)
+  todo = [(name, config, f"data:{FLAGS.plan_devices // (tp * cp)},context:{cp},tensor:{tp}")
+          for name, config in family_configs().items() for tp, cp in layouts]
+  plans = [plan.plan(name, config, mesh, device_bytes=FLAGS.device_memory_gb * 1e9, batch=FLAGS.batch,
+                     context=FLAGS.context, options=run_options, hbm_bytes_per_s=FLAGS.hbm_gbps * 1e9,
+                     link_bytes_per_s=FLAGS.link_gbps * 1e9)
+           for name, config, mesh in tqdm(todo, desc="plan (one block compiled per layout)", unit="layout",
+                                          file=sys.stderr, dynamic_ncols=True)]
+  print(plan.table(plans, device_gb=FLAGS.device_memory_gb, batch=FLAGS.batch, context=FLAGS.context,
+                   fmt=run_options.cache_format.name, hbm_gbps=FLAGS.hbm_gbps, link_gbps=FLAGS.link_gbps))
+  if FLAGS.output_dir:
+    path = plan.write_csv(plans, os.path.join(FLAGS.output_dir, f"plan_{FLAGS.family}.csv"))
+    print(f"\nwrote {path}")
 
 
 def start_distributed():
@@ -249,14 +275,15 @@ def start_distributed():
   return topo
 
 
-def _parse_tps() -> list[int]:
+def _parse_degrees(name: str) -> list[int]:
+  given = FLAGS[name].value
   try:
-    tps = [int(t) for t in FLAGS.tps]
+    degrees = [int(t) for t in given]
   except ValueError:
-    raise ValueError(f"--tps takes integers, e.g. --tps=1,2,4,8; got {','.join(FLAGS.tps)}") from None
-  if not tps or min(tps) < 1:
-    raise ValueError(f"--tps must list degrees >= 1, got {','.join(FLAGS.tps)}")
-  return tps
+    raise ValueError(f"--{name} takes integers, e.g. --{name}=1,2,4,8; got {','.join(given)}") from None
+  if not degrees or min(degrees) < 1:
+    raise ValueError(f"--{name} must list degrees >= 1, got {','.join(given)}")
+  return degrees
 
 
 def main(argv):
@@ -274,12 +301,20 @@ def main(argv):
   try:
     if FLAGS.mode == "params":
       print(presets.listing())
+    elif FLAGS.mode == "plan":
+      tps, cps = _parse_degrees("tps"), _parse_degrees("cps")
+      if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # one block's decode step is compiled per layout on TP x CP simulated devices
+        os.environ["XLA_FLAGS"] = compat.simulated_cpu_devices(FLAGS.plan_devices, os.environ.get("XLA_FLAGS", ""))
+      run_plan(tps, cps)
     elif FLAGS.mode in ("kv_report", "decode_traffic"):
-      tps = _parse_tps()
+      tps, cps = _parse_degrees("tps"), _parse_degrees("cps")
       # The report lays caches out on simulated CPU devices; JAX reads this when it starts.
       if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = compat.simulated_cpu_devices(max(tps), os.environ.get("XLA_FLAGS", ""))
-      run_kv_report(tps, compiled=FLAGS.mode == "decode_traffic")
+        # the widest single degree, or 8 for TP x CP grids (layouts beyond that get a note: see --mode=plan)
+        devices = max(*tps, *cps, 8 if max(cps) > 1 else 1)
+        os.environ["XLA_FLAGS"] = compat.simulated_cpu_devices(devices, os.environ.get("XLA_FLAGS", ""))
+      run_kv_report(tps, cps, compiled=FLAGS.mode == "decode_traffic")
     elif FLAGS.mode == "convert":
       run_convert()
     else:                   # the modes that may span several processes
