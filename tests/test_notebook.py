@@ -29,4 +29,7 @@ def test_sharding_layouts_notebook_executes():
   assert "mlra4  TP 4: tensor=4 x tensor_rep=1" in text and "mlra4  TP 8: tensor=4 x tensor_rep=2" in text
   assert "6 KV heads cannot be laid out on tensor:4" in text
   assert "mlra4  TP 4:  1.5 d_h" in text and "mla    TP 8:  4.5 d_h" in text
+  # the TP x CP section: MLA's 1152 bf16 bytes fall as 1 / CP at any TP; MLRA-4 at TP 4 x CP 2 holds 192
+  assert "mla    TP 8: CP 1:   1152  CP 2:    576  CP 4:    288  CP 8:    144" in text
+  assert "mlra4  TP 4: CP 1:    384  CP 2:    192" in text
   assert images >= 1
