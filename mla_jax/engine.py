@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax import compat, quant
+from mla_jax import compat, quant, rules
 from mla_jax.attention.base import cache_layout
 from mla_jax.config import option
 from mla_jax.paging import PagePool
@@ -216,9 +216,11 @@ def device_memory_bytes() -> int:
 
 def check_pool_fits(config, options, num_pages: int, page_size: int, *, max_seqs: int, max_len: int) -> None:
   """Refuse (one line) page pools larger than the device, before anything is
-  allocated or compiled: `Transformer.init_pages`' arrays, every layer's."""
+  allocated or compiled: `Transformer.init_pages`' arrays, every layer's, of
+  which each device of a `context` axis holds 1 / CP."""
   need = (num_pages * page_size * config.num_layers
-          * quant.layout_bytes_per_token(cache_layout(config.attention, options.cache_format)))
+          * quant.layout_bytes_per_token(cache_layout(config.attention, options.cache_format))
+          / rules.mesh_axis_size("context"))
   have = device_memory_bytes()
   if need > have:
     raise ValueError(f"the KV cache for {max_seqs:,} sequence(s) of up to {max_len:,} tokens needs "
@@ -262,6 +264,11 @@ class Engine:
     if config.flavour == "gpt2" and self.max_len > config.max_seq_len:
       raise ValueError(f"max_len {self.max_len} exceeds max_seq_len={config.max_seq_len} (the GPT-2 flavour's "
                        "position table); lower it")
+    ways = rules.mesh_axis_size("context")                      # under context parallelism
+    if page_size % ways:
+      raise ValueError(f"pages of {page_size} tokens do not split over context:{ways} (each device holds "
+                       f"1 / {ways} of every page); use a page size that is a multiple of {ways}, e.g. "
+                       f"--page_size={ways * -(-page_size // ways)}")
     self.max_pages = -(-self.max_len // page_size)              # pages of one sequence at most
     if num_pages is None:
       num_pages = default_pool(max_seqs, self.max_len, page_size)

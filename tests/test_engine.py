@@ -92,7 +92,8 @@ def check_engine_matches_dense(variant, page_size, mesh_spec=None, decode_impl="
 
 
 # one variant per attention-core family (expanded keys, latent, TPA's factors), one page size, one mesh
-CI_CASES = [("gqa", 16, None), ("mla", 16, None), ("mlra4", 16, "data:2,tensor:4"), ("tpa", 16, None)]
+CI_CASES = [("gqa", 16, None), ("mla", 16, None), ("mlra4", 16, "data:2,tensor:4"), ("tpa", 16, None),
+            ("mla", 16, "context:2,tensor:2")]
 
 
 @pytest.mark.parametrize("variant,page_size,mesh_spec", CI_CASES)
@@ -102,7 +103,7 @@ def test_engine_matches_dense_generate(variant, page_size, mesh_spec):
 
 VARIANTS = ("mha", "mqa", "gqa", "mla", "gla2", "gla4", "mlra2", "mlra4", "gta", "tpa", "mfa")
 FULL = [(v, p, None) for v in VARIANTS for p in (1, 16, 64)] + \
-       [(v, 16, m) for v in VARIANTS for m in ("data:2", "tensor:4")]
+       [(v, 16, m) for v in VARIANTS for m in ("data:2", "tensor:4", "context:4", "data:2,context:2,tensor:2")]
 
 
 @pytest.mark.full
@@ -247,3 +248,11 @@ def test_bad_requests_are_refused_one_by_one(request_, msg):
 def test_a_pool_too_small_names_the_smallest_that_works():
   with pytest.raises(ValueError, match="cannot hold one sequence of 64 tokens .* use num_pages >= 5"):
     Engine(random_model(small_config("gqa")), page_size=16, num_pages=4)
+
+
+def test_pages_that_do_not_split_over_context_are_refused_before_allocating():
+  config = small_config("mla", vocab=64)
+  mesh = sharding.make_mesh("context:4", config)
+  with sharding.use_mesh(mesh), pytest.raises(ValueError, match="pages of 6 tokens do not split over context:4.*"
+                                                                  "--page_size=8"):
+    Engine(random_model(config), page_size=6)
