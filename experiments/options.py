@@ -269,6 +269,8 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   d("integer", "batch", 1, "kv_report, decode_traffic, plan: batch size.")
   d("integer", "context", 2048, "kv_report, decode_traffic, plan: context length (cache slots).")
   # plan
+  d("string", "plan_run_dir", None, "plan: a run directory whose model to plan (its newest checkpoint's "
+    "config), instead of --family's models.")
   d("integer", "plan_devices", 8, "plan: devices in the mesh; every --tps x --cps layout that divides them is "
     "planned, the rest of the devices on `data`.")
   d("float", "device_memory_gb", 80.0, "plan: memory per device, GB (1e9 bytes).")

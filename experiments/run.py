@@ -250,8 +250,17 @@ def run_plan(tps, cps) -> None:
                      f"products divide it, e.g. --tps=1,2,4,8 --cps=1,2")
   from tqdm import tqdm
   run_options = options.run_options(FLAGS)
+  if FLAGS.plan_run_dir:
+    from experiments import trainer
+    if not os.path.isdir(FLAGS.plan_run_dir):
+      raise ValueError(f"--plan_run_dir {FLAGS.plan_run_dir!r} is not a directory: give a run directory "
+                       "(the --output_dir a training run wrote)")
+    config = trainer.run_config(FLAGS.plan_run_dir)
+    models = {config.attention.variant: config}
+  else:
+    models = family_configs()
   todo = [(name, config, f"data:{FLAGS.plan_devices // (tp * cp)},context:{cp},tensor:{tp}")
-          for name, config in family_configs().items() for tp, cp in layouts]
+          for name, config in models.items() for tp, cp in layouts]
   plans = [plan.plan(name, config, mesh, device_bytes=FLAGS.device_memory_gb * 1e9, batch=FLAGS.batch,
                      context=FLAGS.context, options=run_options, hbm_bytes_per_s=FLAGS.hbm_gbps * 1e9,
                      link_bytes_per_s=FLAGS.link_gbps * 1e9)
@@ -260,7 +269,8 @@ def run_plan(tps, cps) -> None:
   print(plan.table(plans, device_gb=FLAGS.device_memory_gb, batch=FLAGS.batch, context=FLAGS.context,
                    fmt=run_options.cache_format.name, hbm_gbps=FLAGS.hbm_gbps, link_gbps=FLAGS.link_gbps))
   if FLAGS.output_dir:
-    path = plan.write_csv(plans, os.path.join(FLAGS.output_dir, f"plan_{FLAGS.family}.csv"))
+    name = "run" if FLAGS.plan_run_dir else FLAGS.family
+    path = plan.write_csv(plans, os.path.join(FLAGS.output_dir, f"plan_{name}.csv"))
     print(f"\nwrote {path}")
 
 

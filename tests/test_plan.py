@@ -97,3 +97,16 @@ def test_plan_bad_flags(args, msg):
   out = _run("--mode=plan", *SMALL, *args)
   assert out.returncode == 2 and msg in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plan_a_run_directory(tmp_path):
+  """The run written by the previous version (tests/data/v1), copied: only its metadata is read."""
+  import shutil
+  run = shutil.copytree(os.path.join(ROOT, "tests", "data", "v1", "run"), tmp_path / "run")
+  out = _run("--mode=plan", f"--plan_run_dir={run}", "--tps=1,2", "--cps=1,2", "--plan_devices=4",
+             "--batch=2", "--context=64")
+  assert out.returncode == 0, out.stderr
+  lines = [line for line in out.stdout.splitlines() if "context:2,tensor:2" in line]
+  assert len(lines) == 1 and "all-gather x1" in lines[0]
+  out = _run("--mode=plan", f"--plan_run_dir={tmp_path / 'nowhere'}")
+  assert out.returncode == 2 and "is not a directory" in out.stderr
