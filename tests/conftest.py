@@ -11,6 +11,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mla_jax_tests_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on the cache's file lock: without it an entry is read while
+# another process (the other worker, a runner subprocess) is still writing it,
+# and deserializing a torn executable aborts the process. 64 GiB never evicts.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
 import jax  # noqa: E402  (after the settings above: JAX reads them when imported)
 
