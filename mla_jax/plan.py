@@ -52,12 +52,6 @@ class Plan:
     return dataclasses.asdict(self)
 
 
-def _sizes(config: ModelConfig, spec: sharding.MeshSpec) -> dict[str, int]:
-  attn = config.attention
-  tensor, rep = sharding.factor_tensor(spec.tensor, attn.partition_entries(), attn.partition_entries_name())
-  return {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
-
-
 def _shard_elements(shape: Sequence[int], axes: Sequence[str | None], sizes: Mapping[str, int]) -> float:
   """Elements of one device's shard of an array: each dimension over its mesh axes."""
   spec = logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=RULES, what="plan")
@@ -72,7 +66,7 @@ def _shard_elements(shape: Sequence[int], axes: Sequence[str | None], sizes: Map
 def weight_bytes(config: ModelConfig, spec: "str | sharding.MeshSpec", dtype=jnp.bfloat16) -> int:
   """Bytes of one device's parameters on `spec`, held in `dtype`."""
   spec = sharding.MeshSpec.parse(spec)
-  sizes = _sizes(config, spec)
+  sizes = sharding.axis_sizes_for(config, spec)
   return round(sum(_shard_elements(shape, axes, sizes) for _, shape, axes in abstract_params(config))
                * jnp.dtype(dtype).itemsize)
 
@@ -81,7 +75,7 @@ def cache_bytes_per_token(config: ModelConfig, spec: "str | sharding.MeshSpec", 
   """Bytes one device holds per token of one sequence, per layer (1 / CP of the
   tokens, its `tensor` share of the per-token arrays, scales included)."""
   spec = sharding.MeshSpec.parse(spec)
-  sizes = dict(_sizes(config, spec), data=1, fsdp=1)      # per sequence: the batch split is DP's
+  sizes = dict(sharding.axis_sizes_for(config, spec), data=1, fsdp=1)      # per sequence: the batch split is DP's
   total = 0.0
   for name, stored in cache_layout(config.attention, fmt).items():
     shape = (1, spec.context) + tuple(stored.shape)
@@ -108,7 +102,6 @@ def plan(name: str, config: ModelConfig, spec: "str | sharding.MeshSpec", *, dev
   row = Plan(variant=name, mesh=f"data:{spec.data},context:{spec.context},tensor:{spec.tensor}")
   try:
     sharding.check_layout(config, spec)
-    _sizes(config, spec)
   except ValueError as e:
     row.note = str(e)
     return row

@@ -189,14 +189,19 @@ def _abstract_arrays(config):
   return out
 
 
+def axis_sizes_for(config, spec: "str | MeshSpec") -> dict[str, int]:
+  """Mesh axis sizes `make_mesh` gives `config` on `spec` (the TP degree factored)."""
+  spec = MeshSpec.parse(spec)
+  attn = config.attention
+  tensor, rep = factor_tensor(spec.tensor, attn.partition_entries(), attn.partition_entries_name())
+  return {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
+
+
 def check_layout(config, spec: "str | MeshSpec", rules: Rules = RULES) -> None:
   """Raise a one-line ValueError if `config` cannot be laid out on `spec`."""
   spec = MeshSpec.parse(spec)
-  attn = config.attention
-  entries = attn.partition_entries()
   try:
-    tensor, rep = factor_tensor(spec.tensor, entries, attn.partition_entries_name())
-    sizes = {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
+    sizes = axis_sizes_for(config, spec)
     for path, shape, axes in _abstract_arrays(config):
       logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
   except ValueError as e:
@@ -213,8 +218,7 @@ def valid_tp_degrees(config, spec: "str | MeshSpec | None" = None, limit: int = 
   entries = config.attention.partition_entries()
   good = []
   for tp in _entry_degrees(entries, limit):
-    tensor, rep = factor_tensor(tp, entries)
-    sizes = {"data": spec.data, "fsdp": spec.fsdp, "context": spec.context, "tensor": tensor, "tensor_rep": rep}
+    sizes = axis_sizes_for(config, dataclasses.replace(spec, tensor=tp))
     try:
       for path, shape, axes in arrays:
         logical_to_spec(axes, shape, mesh_axis_sizes=sizes, rules=rules, what=path)
