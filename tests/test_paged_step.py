@@ -73,7 +73,8 @@ def _check_steps(model, config, page_size, seed, want):
   pool = PagePool(len(LENGTHS) * (width - 1) + 1, page_size,
                   order=rng.permutation(np.arange(1, len(LENGTHS) * (width - 1) + 1)).tolist())
   pools = model.init_pages(pool.num_pages, page_size, jnp.float32)
-  dense = model.init_cache(len(LENGTHS), 32, jnp.float32)   # 32 slots: they split over context:8
+  # 32 slots split over context:8; JAX's GQA/MQA kernels take 16-slot tiles per device, so 64 for them
+  dense = model.init_cache(len(LENGTHS), 64 if model.options.decode_impl == "pallas" else 32, jnp.float32)
   lengths = np.zeros(len(LENGTHS), np.int32)
   widths = [4, 1, 3, 1, 1, 4, 3, 1, 1, 4, 1, 1, 3, 1, 1, 1, 1, 1]     # few distinct widths: few compiles
   for i, s in enumerate(widths):

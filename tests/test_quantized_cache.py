@@ -69,7 +69,11 @@ def check_against_fp32_values(variant, fmt, queries, decode_impl="absorbed"):
   assert {name: a.dtype for name, a in new.items()} == layout
   positions = lengths[:, None] + jnp.arange(queries)
   want = _attend(attn, x, positions, _dequantized(new), lengths + queries)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=2e-5, atol=2e-5, err_msg=f"{variant} {fmt}")
+  # two fp32 forms of one attention (absorbed step, naive attend) over entries up to 10: their
+  # rounding scales with the outputs' size, not with each element's
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(want).max()),
+                             err_msg=f"{variant} {fmt}")
   # the new tokens were written where they belong, within the format's step (one row's largest over 127
   # for int8, 2^-4 relative for fp8; a stored value may round the other way than an un-jitted recompute)
   exact = attn.cache_entries(x, positions)
