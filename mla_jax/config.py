@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from mla_jax import quant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-CONFIG_VERSION = 2   # of ModelConfig.to_dict(); mla_jax.registry.migrate reads older ones
+CONFIG_VERSION = 4   # of ModelConfig.to_dict(); mla_jax.registry.migrate reads older ones
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 
 
 def check(cond: bool, msg: str) -> None:
@@ -32,12 +33,13 @@ def check(cond: bool, msg: str) -> None:
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
-           legacy: str | None = None, choices: tuple | None = None) -> Any:
+           legacy: str | None = None, choices: tuple | None = None, cli: bool = True) -> Any:
   """A dataclass field with its help text and how the runner spells its flag:
   `flag` (default: the field's name) when the name alone would be ambiguous
   across variants, `legacy` an older flag whose value stands in when the new
-  one is not given, `choices` for an enumerated value."""
-  metadata = {"help": help, "flag": flag, "legacy": legacy, "choices": choices}
+  one is not given, `choices` for an enumerated value; `cli=False` for a field
+  no flag sets (what a conversion derives, saved with the config)."""
+  metadata = {"help": help, "flag": flag, "legacy": legacy, "choices": choices, "cli": cli}
   return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -50,12 +52,46 @@ class AttentionConfig:
   variant: str = option(help="The registered variant name (mla_jax.registry).")
   num_heads: int = option(4, "Query heads.")
   rope_theta: float = option(10000.0, "RoPE base frequency.")
+  # Context-extended RoPE, as Hugging Face configs' `rope_scaling` describes it
+  # (formulas in mla_jax.layers.rope_frequencies).
+  rope_scaling: str = option("none", "RoPE frequency scaling: linear (positions / factor), llama3 (Llama-3.1's "
+                             "per-band interpolation) or yarn (YaRN, DeepSeek-V2/V3).", choices=ROPE_SCALINGS)
+  rope_factor: float = option(1.0, "RoPE scaling: the context extension factor.")
+  rope_original_max_len: int = option(0, "RoPE scaling (llama3, yarn): the pretraining context length.")
+  rope_low_freq_factor: float = option(1.0, "llama3 RoPE scaling: wavelengths above original_max_len / this "
+                                       "are interpolated fully.")
+  rope_high_freq_factor: float = option(4.0, "llama3 RoPE scaling: wavelengths below original_max_len / this "
+                                        "are kept.")
+  rope_beta_fast: float = option(32.0, "yarn RoPE scaling: rotations above which a frequency is kept.")
+  rope_beta_slow: float = option(1.0, "yarn RoPE scaling: rotations below which a frequency is interpolated.")
+  rope_mscale: float = option(0.0, "yarn RoPE scaling: mscale (0 = unset).")
+  rope_mscale_all_dim: float = option(0.0, "yarn RoPE scaling: mscale_all_dim (0 = unset); the latent "
+                                      "family also multiplies its softmax scale by its square, as DeepSeek does.")
+  rope_attention_factor: float = option(0.0, "yarn RoPE scaling: the factor on cos and sin (0 = derived from "
+                                        "factor, mscale and mscale_all_dim).")
+  # A latent model converted from a RoPE model (mla_jax.convert_latent) rotates the
+  # frequencies of the source heads it kept, not a ladder of its own.
+  rope_inv_freq: tuple[float, ...] = option((), "RoPE's inverse frequencies, one per rotated pair, in place of "
+                                                "the ladder rope_theta and rope_scaling give (empty: that ladder).",
+                                            cli=False)
 
   def __post_init__(self):
+    object.__setattr__(self, "rope_inv_freq", tuple(float(f) for f in self.rope_inv_freq))    # JSON gives a list
     self.validate()
 
   def validate(self, d_model: int | None = None) -> None:
     check(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+    check(self.rope_scaling in ROPE_SCALINGS,
+          f"unknown rope_scaling {self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+    if self.rope_scaling != "none":
+      check(self.rope_factor > 0, f"rope_factor must be > 0, got {self.rope_factor}")
+    if self.rope_scaling in ("llama3", "yarn"):
+      check(self.rope_original_max_len >= 1,
+            f"{self.rope_scaling} RoPE scaling needs rope_original_max_len (the pretraining context length)")
+    if self.rope_scaling == "llama3":
+      check(self.rope_high_freq_factor > self.rope_low_freq_factor,
+            f"llama3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor, got "
+            f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
 
   # ---- what every variant must say about its cache
   def cache_spec(self) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -79,7 +115,7 @@ class AttentionConfig:
     return None
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return dataclasses.asdict(self) | {"rope_inv_freq": list(self.rope_inv_freq)}     # as JSON reads back
 
 
 # ----------------------------------------------------------------------------- model
@@ -106,6 +142,8 @@ class ModelConfig:
   norm_eps: float | None = option(None, "Norm epsilon (default 1e-6 for RMSNorm, 1e-5 for LayerNorm).")
   init_std: float = option(0.02, "Standard deviation of the initial weights.")
   param_dtype: str = option("float32", "Parameter storage dtype.", choices=tuple(DTYPES))
+  tie_embeddings: bool = option(True, "Share the token embedding with the output projection (False: a "
+                                      "separate lm_head, as most Hugging Face checkpoints have).")
   scan_layers: bool = option(False, "Stack the layers' weights and lax.scan over them (compile time "
                                     "flat in depth); changes how a checkpoint stores the layers.")
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import compat
+from mla_jax.config import AttentionConfig
 from mla_jax.rules import constrain
 
 
@@ -83,10 +84,77 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float = 10000.0, config: AttentionConfig | None = None):
+  """RoPE's inverse frequencies [dim / 2] and the factor on cos and sin, with
+  the context scaling `config.rope_scaling` names (Hugging Face's formulas):
+
+    linear: every frequency / factor
+    llama3: wavelengths longer than L / low_freq_factor (L the pretraining
+            context) / factor, shorter than L / high_freq_factor kept, a
+            smooth blend between
+    yarn:   a per-dimension blend of kept and / factor frequencies, ramping over
+            the dimensions that turn between beta_fast and beta_slow times
+            within L; cos and sin times 0.1 mscale ln(factor) + 1 (or as given)
+
+  `config.rope_inv_freq`, where set, gives the frequencies themselves.
+  """
+  half = dim // 2
+  if config is not None and config.rope_inv_freq:           # a converted model's kept frequencies
+    if len(config.rope_inv_freq) != half:
+      raise ValueError(f"rope_inv_freq holds {len(config.rope_inv_freq)} frequencies for a RoPE {dim} wide")
+    return jnp.asarray(config.rope_inv_freq, jnp.float32), 1.0
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim))
+  kind = config.rope_scaling if config is not None else "none"
+  if kind == "none":
+    return inv_freq, 1.0
+  c, factor = config, config.rope_factor
+  if kind == "linear":
+    return inv_freq / factor, 1.0
+  if kind == "llama3":
+    low_wavelen = c.rope_original_max_len / c.rope_low_freq_factor
+    high_wavelen = c.rope_original_max_len / c.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (c.rope_original_max_len / wavelen - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return jnp.where(medium, blended, scaled), 1.0
+  # yarn: the dimension that turns `rotations` times within the pretraining context
+  def turning_dim(rotations):
+    return dim * math.log(c.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low = max(math.floor(turning_dim(c.rope_beta_fast)), 0)
+  high = min(math.ceil(turning_dim(c.rope_beta_slow)), dim - 1)
+  high = high + 0.001 if low == high else high
+  ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  kept = 1 - ramp
+  inv_freq = inv_freq / factor * (1 - kept) + inv_freq * kept
+  if c.rope_attention_factor:
+    scale = c.rope_attention_factor
+  elif c.rope_mscale and c.rope_mscale_all_dim:
+    scale = _yarn_mscale(factor, c.rope_mscale) / _yarn_mscale(factor, c.rope_mscale_all_dim)
+  else:
+    scale = _yarn_mscale(factor)
+  return inv_freq, scale
+
+
+def yarn_softmax_factor(config: AttentionConfig) -> float:
+  """DeepSeek's MLA multiplies its softmax scale by mscale(factor, mscale_all_dim)^2
+  under a scaled RoPE (1 otherwise)."""
+  if config.rope_scaling == "none" or not config.rope_mscale_all_dim:
+    return 1.0
+  return _yarn_mscale(config.rope_factor, config.rope_mscale_all_dim) ** 2
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float | AttentionConfig = 10000.0) -> jax.Array:
   """Half-split (non-interleaved) rotary embedding.
 
-  x: [batch, seq, ..., dim] with dim even; positions: [batch, seq] (int).
+  x: [batch, seq, ..., dim] with dim even; positions: [batch, seq] (int);
+  `theta` the base, or an attention config (its base and scaling).
   y = [x1 cos - x2 sin, x1 sin + x2 cos] with x1, x2 the two halves of x.
   """
   dim = x.shape[-1]
@@ -95,11 +163,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
   if dim % 2:
     raise ValueError(f"RoPE needs an even width, got {dim}")
   half = dim // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dim))
+  config = theta if isinstance(theta, AttentionConfig) else None
+  inv_freq, scale = rope_frequencies(dim, config.rope_theta if config else theta, config)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, half]
   # Broadcast over any axes between seq and dim (heads, blocks, ...).
   angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
   cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)

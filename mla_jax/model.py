@@ -2,7 +2,7 @@
 
     llama: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); RoPE inside attention
     gpt2:  x = tok_emb + pos_emb; x = x + Attn(LN(x)); x = x + GELU-MLP(LN(x))
-    logits = FinalNorm(x) E^T          (tied input / output embeddings)
+    logits = FinalNorm(x) E^T          (tied input / output embeddings; untied: a separate lm_head)
 
 Three entry points share the layers: `__call__` (training forward), `prefill`
 (forward over a prompt batch that fills a preallocated cache) and `decode_step`
@@ -46,8 +46,10 @@ class Block(nnx.Module):
     out_std = 0.0 if config.flavour == "llama" else config.init_std / math.sqrt(2 * config.num_layers)
     common = dict(rngs=rngs, param_dtype=config.weight_dtype, init_std=config.init_std, out_std=out_std)
     self.attn_norm = _norm(config)
+    # attention's own RMSNorms take the Llama flavour's epsilon (DeepSeek's, Qwen3's); 1e-6 in GPT-2's
+    norm_eps = config.eps if config.flavour == "llama" else 1e-6
     self.attn = registry.get(config.attention.variant).module(config.attention, d_model=config.d_model,
-                                                              options=options, **common)
+                                                              options=options, norm_eps=norm_eps, **common)
     self.mlp_norm = _norm(config)
     mlp_cls = SwiGLU if config.flavour == "llama" else GeluMLP
     self.mlp = mlp_cls(config.d_model, config.mlp_dim, dtype=options.compute_dtype, **common)
@@ -81,6 +83,9 @@ class Transformer(nnx.Module):
     wdt = config.weight_dtype
     self.embed = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
                        std=config.init_std, dtype=wdt)
+    if not config.tie_embeddings:
+      self.lm_head = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
+                           std=config.init_std, dtype=wdt)
     if config.flavour == "gpt2":
       self.pos_embed = param(rngs, (config.max_seq_len, config.d_model), ("positions", "embed"),
                              std=config.init_std, dtype=wdt)
@@ -111,7 +116,8 @@ class Transformer(nnx.Module):
 
   def _logits(self, x):
     x = self.final_norm(x)
-    logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(x.dtype),
+    head = self.embed if self.config.tie_embeddings else self.lm_head
+    logits = jnp.einsum("bsd,vd->bsv", x, head[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "act_vocab"))
 
@@ -235,11 +241,51 @@ def abstract_params(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...],
 
 def count_params(config: ModelConfig) -> dict[str, int]:
   """Parameter counts from abstract shapes. `non_embedding` leaves out the
-  (tied) token embedding and the position table."""
+  token embedding (and an untied lm_head) and the position table."""
   total = embedding = attention = 0
   for path, shape, _ in abstract_params(config):
     n = math.prod(shape)
     total += n
-    embedding += n if path in ("embed", "pos_embed") else 0
+    embedding += n if path in ("embed", "pos_embed", "lm_head") else 0
     attention += n if "/attn/" in f"/{path}/" else 0
   return {"total": total, "non_embedding": total - embedding, "attention": attention}
+
+
+def per_layer_params(model: Transformer) -> dict[tuple, Any]:
+  """path -> array of every parameter, a scanned model's stacked [layers, ...]
+  weights split into one entry per layer (("layers", i, ...)), as unscanned
+  models and checkpoint formats name them."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    if model.config.scan_layers and path[0] == "layers":
+      out |= {("layers", i) + tuple(path[1:]): value[i] for i in range(model.config.num_layers)}
+    else:
+      out[tuple(path)] = value
+  return out
+
+
+def from_per_layer_params(config: ModelConfig, values: dict[tuple, Any], options: RunOptions = RunOptions()):
+  """The model of `config` holding `values` (per_layer_params' view: one entry per
+  layer, stacked here where the config scans its layers), in its parameter dtype."""
+  import numpy as np
+  model = abstract_model(config, options)
+  variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+  def stacked(path):
+    return config.scan_layers and path[0] == "layers"
+  wanted = {("layers", i) + tuple(p[1:]) for p in variables if stacked(p) for i in range(config.num_layers)}
+  wanted |= {tuple(p) for p in variables if not stacked(p)}
+  for odd in sorted(set(values) ^ wanted, key=str)[:1]:
+    why = "missing" if odd in wanted else "not a parameter of this model"
+    raise ValueError(f"parameter {'/'.join(map(str, odd))} is {why}")
+  for path, var in variables.items():
+    want = var.get_value()
+    if stacked(path):
+      value = np.stack([np.asarray(values[("layers", i) + tuple(path[1:])]) for i in range(config.num_layers)])
+    else:
+      value = np.asarray(values[tuple(path)])
+    if value.shape != want.shape:
+      raise ValueError(f"parameter {'/'.join(map(str, path))} has shape {value.shape}; the model has {want.shape}")
+    var.set_value(jnp.asarray(value, want.dtype))
+  return model

@@ -138,6 +138,9 @@ def migrate(d: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             "config format 2 (keeping the 1/sqrt(branches) output scale); scales=False now means the "
             "authors' *_no_scale model without it. Load it with mla_jax 0.1.0 (commit a36d22d)")
     d["attention"] = attn
+  # 2 -> 3 only added fields (tie_embeddings, qkv_bias, qk_norm, rope_scaling and its
+  # parameters) whose defaults are what format 2 did: a format-2 config reads unchanged.
+  # 3 -> 4 likewise (latent_norm, rope_inv_freq: what convert_latent writes).
   return d, options
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import GATED, SMALL_ATTENTION, small_config
 from mla_jax import ModelConfig, RunOptions, attention_config, config_from_dict, presets, registry, variants
+from mla_jax.config import CONFIG_VERSION
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -143,3 +144,46 @@ def test_registry_and_presets():
   assert study.attention.kv_lora_rank == 128 and study.attention.qk_rope_head_dim == 32
   assert study.flavour == "gpt2"
   assert {f"small_{v}" for v in variants()} <= set(presets.presets())
+
+
+def test_configs_saved_by_format_2_load_unchanged():
+  """tests/data/v2/configs.json: every variant's config as commit 625c33b wrote
+  it (format 2, before untied embeddings, q/k/v biases, q/k norms and RoPE
+  scaling): each reads back as the same architecture, the new fields at the
+  values that reproduce format 2's model."""
+  with open(os.path.join(DATA, "v2", "configs.json")) as f:
+    saved = json.load(f)
+  for name, d in saved.items():
+    assert d["config_version"] == 2
+    config = config_from_dict(d)
+    assert config.tie_embeddings and config.attention.rope_scaling == "none"
+    assert getattr(config.attention, "qkv_bias", False) is False and getattr(config.attention, "qk_norm", False) is False
+    now = config.to_dict()
+    assert now["config_version"] == CONFIG_VERSION
+    for key, value in d.items():
+      if key == "attention":
+        assert {k: now["attention"][k] for k in value} == value, name
+      elif key != "config_version":
+        assert now[key] == value, (name, key)
+
+
+def test_configs_saved_by_format_3_load_unchanged():
+  """tests/data/v3/configs.json: every variant's config (and untied, qk-norm, llama3
+  and yarn ones) as commit 047df42 wrote it (format 3, before `latent_norm` and
+  `rope_inv_freq`): each reads back unchanged, the latent norm on and the RoPE
+  ladder its own."""
+  with open(os.path.join(DATA, "v3", "configs.json")) as f:
+    saved = json.load(f)
+  assert len(saved) >= 12
+  for name, d in saved.items():
+    assert d["config_version"] == 3
+    config = config_from_dict(d)
+    assert config.attention.rope_inv_freq == () and getattr(config.attention, "latent_norm", True) is True
+    now = config.to_dict()
+    assert now["config_version"] == CONFIG_VERSION
+    for key, value in d.items():
+      if key == "attention":
+        assert {k: now["attention"][k] for k in value} == value, name
+        assert set(now["attention"]) - set(value) <= {"rope_inv_freq", "latent_norm"}, name
+      elif key != "config_version":
+        assert now[key] == value, (name, key)

@@ -19,6 +19,7 @@ from helpers import small_config
 from runner_helpers import final_params, run_cmd, story_file, train_cmd, train_losses  # noqa: F401
 from mla_jax import Transformer, sharding
 from mla_jax import train as T
+from mla_jax.config import CONFIG_VERSION
 
 
 def _tokens(config, batch=8, seq=12, seed=0):
@@ -244,7 +245,8 @@ def test_gpu_scale_switches_through_the_runner(story_file, tmp_path):
                             "--scan_layers", "--remat=none"))
   assert again.returncode == 0, again.stderr
   assert "resumed from step 4" in again.stdout
-  unscanned = run_cmd(train_cmd(story_file, tmp_path / "run", *base[:-3], "--steps=8"))
+  # not restated, --scan_layers would continue the run's own (scanned) model
+  unscanned = run_cmd(train_cmd(story_file, tmp_path / "run", *base[:-3], "--steps=8", "--noscan_layers"))
   assert unscanned.returncode == 2 and "scan_layers: saved true, now false" in unscanned.stderr
 
 
@@ -281,7 +283,7 @@ def test_a_run_directory_written_by_the_previous_version(story_file, tmp_path):
   assert "resumed from step 4" in resumed.stdout and "warning: --allow_data_change: dataset" in resumed.stdout
   assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
   ckpt = T.Checkpoints(str(run_dir / "checkpoints"), async_save=False)
-  assert ckpt.latest_step() == 6 and ckpt.read_meta()["model_config"]["config_version"] == 2
+  assert ckpt.latest_step() == 6 and ckpt.read_meta()["model_config"]["config_version"] == CONFIG_VERSION
   ckpt.close()
 
 

@@ -93,7 +93,7 @@ class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, d_model: int, rngs: nnx.Rngs,
                options: RunOptions = RunOptions(), param_dtype=jnp.float32, init_std: float = 0.02,
-               out_std: float = 0.0):
+               out_std: float = 0.0, norm_eps: float = 1e-6):
     config.validate(d_model)
     cache_layout(config, options.cache_format)      # a format the variant cannot hold: one line, here
     self.config = config
@@ -104,6 +104,7 @@ class Attention(nnx.Module):
     self.param_dtype = param_dtype
     self.init_std = init_std
     self.out_std = out_std
+    self.norm_eps = norm_eps          # of the RMSNorms inside attention (latents, query latents, q/k norms)
 
   # ------------------------------------------------------------- the variant's part
   def cache_entries(self, x: jax.Array, positions: jax.Array) -> Cache:

@@ -70,7 +70,7 @@ class GTA(Attention):
 
   def cache_entries(self, x, positions):
     state = dense(x, self.w_kv[...], "bsd,dhk->bshk", self.dtype)
-    rope_key = rope(dense(x, self.w_kr[...], "bsd,dr->bsr", self.dtype), positions, self.config.rope_theta)
+    rope_key = rope(dense(x, self.w_kr[...], "bsd,dr->bsr", self.dtype), positions, self.config)
     return {"kv_state": constrain(state, ("batch", "length", "kv_heads", "head_dim")),
             "rope_key": rope_key}
 
@@ -80,7 +80,7 @@ class GTA(Attention):
     q = dense(x, self.wq[...], "bsd,dhk->bshk", self.dtype)
     q = q.reshape(q.shape[:2] + (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim))
     q = constrain(q, ("batch", "length", "kv_heads", "q_per_entry", "head_dim"))
-    q_nope, q_pe = core.heads_major(q[..., :n]), core.heads_major(rope(q[..., n:], positions, cfg.rope_theta))
+    q_nope, q_pe = core.heads_major(q[..., :n]), core.heads_major(rope(q[..., n:], positions, cfg))
     state = core.heads_major(kv["kv_state"])                            # [B, h_kv, T, d_h]
     # K_j = [s_j[:n] | k_R] (its rope part scored separately, never concatenated), V_j = s_j
     y, _ = core.expanded(q_nope, quant.prefix(state, n), state, scale=1.0 / math.sqrt(cfg.head_dim), kv_len=kv_len,

@@ -10,7 +10,7 @@ Query (all variants, DeepSeek-V2 style):
 Keys and values: the latent is cut into B = R * G *blocks* of width d_b = d_c / B
 (R `branches` of G `groups` each, config fields); each block has its own RMSNorm:
     [c_1 .. c_B | k_pe] = x W_DKV
-    c_b  = RMSNorm_b(c_b) * sqrt(d / d_b)             (cached)
+    c_b  = RMSNorm_b(c_b) * sqrt(d / d_b)             (cached; `latent_norm=False`: c_b as is)
     k_pe = RoPE(k_pe), ONE rope key shared by all heads (cached)
 Block b = (branch r, group g) serves the H_g = h / G query heads of group g:
     k_nope_bi = c_b W_UK,b,i     v_bi = c_b W_UV,b,i  (head i of group g)
@@ -55,7 +55,7 @@ from mla_jax.attention import core
 from mla_jax.attention.base import Attention
 from mla_jax.authors_layout import Layout, Param, linear
 from mla_jax.config import AttentionConfig, check, option
-from mla_jax.layers import RMSNorm, dense, param, rope
+from mla_jax.layers import RMSNorm, dense, param, rope, yarn_softmax_factor
 from mla_jax.rules import constrain
 
 
@@ -73,6 +73,8 @@ class LatentConfig(AttentionConfig):
   gated: bool = option(False, "Output gate sigmoid(x W_g) before the output projection.")
   branches: int = option(1, "R: separate softmaxes summed per head (MLRA).")
   groups: int = option(1, "G: latent blocks per branch, each serving num_heads / G query heads (GLA).")
+  latent_norm: bool = option(True, "RMSNorm each latent block (False: the latent is x W_DKV itself, as a "
+                                   "model converted from MHA/GQA by mla_jax.convert_latent holds it).")
 
   @property
   def num_blocks(self) -> int:
@@ -149,13 +151,15 @@ class LatentAttention(Attention):
     self.head_axes = (group_axis, "q_per_entry")
     if config.q_lora_rank:
       self.wq_a = param(rngs, (d, config.q_lora_rank), ("embed", "q_lora"), **p)
-      self.q_norm = RMSNorm(config.q_lora_rank, ("q_lora",), param_dtype=self.param_dtype)
+      self.q_norm = RMSNorm(config.q_lora_rank, ("q_lora",), eps=self.norm_eps, param_dtype=self.param_dtype)
       self.wq_b = param(rngs, (config.q_lora_rank, groups, per_group, dn + dr),
                         ("q_lora",) + self.head_axes + ("qk_dim",), **p)
     else:
       self.wq = param(rngs, (d, groups, per_group, dn + dr), ("embed",) + self.head_axes + ("qk_dim",), **p)
     self.w_dkv = param(rngs, (d, nb, db), ("embed", "latent_blocks", "latent_dim"), **p)
-    self.kv_norm = RMSNorm((nb, db), ("latent_blocks", "latent_dim"), param_dtype=self.param_dtype)
+    if config.latent_norm:
+      self.kv_norm = RMSNorm((nb, db), ("latent_blocks", "latent_dim"), eps=self.norm_eps,
+                             param_dtype=self.param_dtype)
     if dr:
       self.w_kr = param(rngs, (d, dr), ("embed", "rope_dim"), **p)
     self.w_uk = param(rngs, (nb, db, per_group, dn), ("latent_blocks", "latent_dim", "q_per_entry", "qk_nope"), **p)
@@ -165,16 +169,16 @@ class LatentAttention(Attention):
     if config.gated:
       self.wg = param(rngs, (d, groups, per_group, dv), ("embed",) + self.head_axes + ("v_dim",), **p)
     self.q_scale = math.sqrt(d / config.q_lora_rank) if (config.scales and config.q_lora_rank) else 1.0
-    self.kv_scale = math.sqrt(d / db) if config.scales else 1.0
-    self.softmax_scale = 1.0 / math.sqrt(dn + dr)
+    self.kv_scale = math.sqrt(d / db) if (config.scales and config.latent_norm) else 1.0
+    self.softmax_scale = yarn_softmax_factor(config) / math.sqrt(dn + dr)
 
   def cache_entries(self, x, positions):
     latent = dense(x, self.w_dkv[...], "bsd,dnc->bsnc", self.dtype)
-    latent = self.kv_norm(latent) * self.kv_scale
+    if self.config.latent_norm:
+      latent = self.kv_norm(latent) * self.kv_scale
     out = {"kv_latent": constrain(latent, ("batch", "length", "latent_blocks", "latent_dim"))}
     if self.config.qk_rope_head_dim:
-      out["rope_key"] = rope(dense(x, self.w_kr[...], "bsd,dr->bsr", self.dtype), positions,
-                             self.config.rope_theta)
+      out["rope_key"] = rope(dense(x, self.w_kr[...], "bsd,dr->bsr", self.dtype), positions, self.config)
     return out
 
   def _queries(self, x, positions):
@@ -186,7 +190,7 @@ class LatentAttention(Attention):
     else:
       q = dense(x, self.wq[...], "bsd,dgjk->bsgjk", self.dtype)
     q = constrain(q, ("batch", "length") + self.head_axes + ("qk_dim",))
-    return q[..., :cfg.qk_nope_head_dim], rope(q[..., cfg.qk_nope_head_dim:], positions, cfg.rope_theta)
+    return q[..., :cfg.qk_nope_head_dim], rope(q[..., cfg.qk_nope_head_dim:], positions, cfg)
 
   def _blocks(self, w):
     """[B_blocks, ...] -> [R, G, ...]: block b = branch r * G + group g."""
@@ -238,6 +242,14 @@ class LatentAttention(Attention):
       y = y * jax.nn.sigmoid(dense(x, self.wg[...], "bsd,dgjv->bsgjv", self.dtype))
     return dense(y, self.wo[...], "bsgjv,gjvd->bsd", self.dtype)
 
+  @staticmethod
+  def _refuse_converted(cfg: LatentConfig, where: str) -> None:
+    if not cfg.latent_norm:
+      raise ValueError(f"{where} has an RMSNorm on every latent, and this model (latent_norm=False) none")
+    if cfg.rope_inv_freq:
+      raise ValueError(f"{where} rotates a ladder of RoPE frequencies, and this model the source heads' "
+                       "frequencies it kept (rope_inv_freq)")
+
   # ---- the MLRA authors' checkpoints (their model/mla.py, gla_2.py, gla_4.py, mlra_2.py,
   # mlra_4.py, the *_gated and *_no_scale forms; always a low-rank query, d_v = d_n)
   @staticmethod
@@ -260,6 +272,7 @@ class LatentAttention(Attention):
     nb, groups, per = cfg.num_blocks, cfg.groups, cfg.num_heads // cfg.groups
     if not rq or cfg.value_dim != dn:
       raise ValueError("the authors' latent models have a low-rank query and d_v = d_n")
+    LatentAttention._refuse_converted(cfg, "the authors' layout")
     tensors = {"q_a_proj.weight": (rq, d), "q_a_layernorm.weight": (rq,), "q_b_proj.weight": (h * (dn + dr), rq),
                "kv_a_proj_with_mqa.weight": (dc + dr, d), "c_proj.weight": (d, h * dn)}
     params = [linear("wq_a", "q_a_proj.weight", d, rq),
@@ -289,4 +302,49 @@ class LatentAttention(Attention):
     if cfg.gated:
       tensors["gated_proj.weight"] = (h * dn, d)
       params.append(linear("wg", "gated_proj.weight", d, groups, per, dn))
+    return Layout(tensors, tuple(params))
+
+  # ---- Hugging Face checkpoints: DeepSeek-V2/V3 MLA (`model.layers.{i}.self_attn.*`), whose
+  # layout is the authors' one-latent layout with [k_nope | v] per head, d_v free, no
+  # variance scales, and RoPE on interleaved pairs (V2 always, V3 unless rope_interleave
+  # is false): the rope columns are de-interleaved here, which turns their pairwise
+  # rotation into our half-split one (q_pe . k_pe is the same sum, reordered).
+  @staticmethod
+  def hf_config(hf):
+    return dict(num_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
+                kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf.get("v_head_dim"), scales=False)
+
+  @staticmethod
+  def hf_layout(cfg: LatentConfig, d: int, hf: dict) -> Layout:
+    if cfg.num_blocks != 1 or cfg.gated:
+      raise ValueError("the DeepSeek format holds one latent per layer and no output gate (MLA); "
+                       "export GLA/MLRA to the MLRA authors' layout")
+    LatentAttention._refuse_converted(cfg, "the DeepSeek format")
+    h, dn, dr, dv, dc, rq = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.value_dim,
+                             cfg.kv_lora_rank, cfg.q_lora_rank)
+    interleaved = hf.get("model_type") == "deepseek_v2" or hf.get("rope_interleave", True)
+    rope_order = np.r_[0:dr:2, 1:dr:2] if interleaved else np.arange(dr)
+
+    def queries(w):                 # their [h (d_n + d_r), in] -> our [in, 1, h, d_n + d_r]
+      w = w.T.reshape(w.shape[1], h, dn + dr)
+      return np.concatenate([w[..., :dn], w[..., dn:][..., rope_order]], -1)[:, None]
+
+    tensors = {"kv_a_proj_with_mqa.weight": (dc + dr, d), "kv_a_layernorm.weight": (dc,),
+               "kv_b_proj.weight": (h * (dn + dv), dc), "o_proj.weight": (d, h * dv)}
+    if rq:
+      tensors |= {"q_a_proj.weight": (rq, d), "q_a_layernorm.weight": (rq,), "q_b_proj.weight": (h * (dn + dr), rq)}
+      params = [linear("wq_a", "q_a_proj.weight", d, rq),
+                Param(("q_norm", "weight"), ("q_a_layernorm.weight",), lambda w: w),
+                Param(("wq_b",), ("q_b_proj.weight",), queries)]
+    else:
+      tensors["q_proj.weight"] = (h * (dn + dr), d)
+      params = [Param(("wq",), ("q_proj.weight",), queries)]
+    params += [Param(("w_dkv",), ("kv_a_proj_with_mqa.weight",), lambda w: w.T[:, :dc].reshape(d, 1, dc)),
+               Param(("kv_norm", "weight"), ("kv_a_layernorm.weight",), lambda w: w.reshape(1, dc)),
+               Param(("w_uk",), ("kv_b_proj.weight",), lambda w: w.T.reshape(1, dc, h, dn + dv)[..., :dn]),
+               Param(("w_uv",), ("kv_b_proj.weight",), lambda w: w.T.reshape(1, dc, h, dn + dv)[..., dn:]),
+               linear("wo", "o_proj.weight", 1, h, dv, d)]
+    if dr:
+      params.append(Param(("w_kr",), ("kv_a_proj_with_mqa.weight",), lambda w: w.T[:, dc:][:, rope_order]))
     return Layout(tensors, tuple(params))

@@ -63,13 +63,13 @@ class MFA(Attention):
                     dtype=self.param_dtype)
 
   def cache_entries(self, x, positions):
-    k = rope(dense(x, self.wk[...], "bsd,dc->bsc", self.dtype), positions, self.config.rope_theta)
+    k = rope(dense(x, self.wk[...], "bsd,dc->bsc", self.dtype), positions, self.config)
     return {"key": k, "value": dense(x, self.wv[...], "bsd,dc->bsc", self.dtype)}
 
   def attend(self, x, positions, kv, kv_len):
     cfg = self.config
     c_q = self.q_norm(dense(x, self.wq_a[...], "bsd,dr->bsr", self.dtype))
-    q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg.rope_theta)
+    q = rope(dense(c_q, self.wq_b[...], "bsr,rhc->bshc", self.dtype), positions, cfg)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     # MQA-shaped: one key and one value head ([B, T, C]: no head axes) serve every query head
     y, _ = core.expanded(core.heads_major(q), kv["key"], kv["value"], scale=1.0 / math.sqrt(cfg.head_dim),

@@ -79,11 +79,10 @@ class TPA(Attention):
                     dtype=self.param_dtype)
 
   def cache_entries(self, x, positions):
-    theta = self.config.rope_theta
     return {
         "key_a": constrain(dense(x, self.wa_k[...], "bsd,dhr->bshr", self.dtype),
                            ("batch", "length", "kv_heads", "tpa_rank")),
-        "key_b": rope(dense(x, self.wb_k[...], "bsd,drk->bsrk", self.dtype), positions, theta),
+        "key_b": rope(dense(x, self.wb_k[...], "bsd,drk->bsrk", self.dtype), positions, self.config),
         "value_a": constrain(dense(x, self.wa_v[...], "bsd,dhr->bshr", self.dtype),
                              ("batch", "length", "kv_heads", "tpa_rank")),
         "value_b": dense(x, self.wb_v[...], "bsd,drk->bsrk", self.dtype),
@@ -92,7 +91,7 @@ class TPA(Attention):
   def attend(self, x, positions, kv, kv_len):
     cfg = self.config
     a_q = dense(x, self.wa_q[...], "bsd,dhr->bshr", self.dtype)
-    b_q = rope(dense(x, self.wb_q[...], "bsd,drk->bsrk", self.dtype), positions, cfg.rope_theta)
+    b_q = rope(dense(x, self.wb_q[...], "bsd,drk->bsrk", self.dtype), positions, cfg)
     q = constrain(jnp.einsum("bshr,bsrk->bshk", a_q, b_q) / cfg.q_rank, ("batch", "length", "act_heads", "head_dim"))
     q = core.heads_major(q)                                             # [B, h, S, d_h]
     scale = 1.0 / math.sqrt(cfg.head_dim)
