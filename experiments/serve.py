@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from mla_jax.data.tokenizer import prompt_ids
 from mla_jax.engine import Engine, Request, RequestError, Sampling, parse_speculative
 
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "id")
@@ -47,7 +48,7 @@ def parse_request(line: str, number: int, tokenizer, defaults: Defaults) -> Requ
   prompt = obj.get("prompt")
   if not isinstance(prompt, str):
     raise RequestError('"prompt" must be a string')
-  ids = tokenizer.encode(prompt)
+  ids = prompt_ids(tokenizer, prompt)
   if not ids:
     raise RequestError("empty prompt: give some text to continue")
 
@@ -64,7 +65,7 @@ def parse_request(line: str, number: int, tokenizer, defaults: Defaults) -> Requ
                         number_field("top_p", float, defaults.sampling.top_p))
   except ValueError as e:
     raise RequestError(str(e)) from None
-  stop = {tokenizer.eos_id}
+  stop = set(tokenizer.stop_ids)
   for s in obj.get("stop", []) if isinstance(obj.get("stop", []), list) else [obj["stop"]]:
     if isinstance(s, int) and not isinstance(s, bool):
       stop.add(s)
@@ -135,7 +136,7 @@ def serve(model, tokenizer, *, requests_in, out, defaults: Defaults, max_seqs: i
       served += 1
       out_tokens += len(done.tokens)
       ttfts.append(done.ttft_s)
-      text_ids = [t for t in done.tokens if t != tokenizer.eos_id]
+      text_ids = [t for t in done.tokens if t not in tokenizer.stop_ids]
       emit({"id": done.id, "line": numbers.pop(done.id), "text": tokenizer.decode(text_ids), "tokens": done.tokens,
             "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
             "ttft_s": round(done.ttft_s, 4), "decode_tokens_per_s": round(done.decode_tokens_per_s, 2)})

@@ -47,3 +47,28 @@ class ShapeOf:
 
   def has(self, fragment: str) -> bool:
     return any(fragment in name for name in self.names)
+
+
+def invert(layout: Layout, values: Mapping[tuple[str, ...], np.ndarray]) -> dict[str, np.ndarray]:
+  """Their tensors from our parameters (`values`: path -> array), for export.
+
+  A build only moves elements (reshape, transpose, slice, reorder, stack), so
+  it is run once on element numbers to learn which of their elements each of
+  ours came from, and the values are put back there: one inverse for every
+  layout, with no second description to keep in step. Every element of every
+  tensor must be reached."""
+  offsets, total = {}, 0
+  for name, shape in layout.tensors.items():
+    offsets[name], total = total, total + int(np.prod(shape))
+  dtype = np.result_type(*(np.asarray(v).dtype for v in values.values()))
+  flat, reached = np.zeros(total, dtype), np.zeros(total, bool)
+  for param in layout.params:
+    numbers = [np.arange(offsets[s], offsets[s] + int(np.prod(layout.tensors[s]))).reshape(layout.tensors[s])
+               for s in param.sources]
+    index = np.asarray(param.build(*numbers)).ravel()
+    flat[index] = np.asarray(values[param.path]).ravel()
+    reached[index] = True
+  if not reached.all():
+    missed = next(n for n, o in offsets.items() if not reached[o:o + int(np.prod(layout.tensors[n]))].all())
+    raise ValueError(f"internal: no parameter fills all of {missed!r}")
+  return {n: flat[o:o + int(np.prod(s))].reshape(s) for (n, s), o in zip(layout.tensors.items(), offsets.values())}

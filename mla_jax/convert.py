@@ -12,9 +12,8 @@ tensor shapes. Whether a latent model was trained without the variance scales
 (the authors' *_no_scale files) cannot be read off the tensors: pass
 `scales=False` (the runner's --nolatent_scales).
 
-Loading never runs arbitrary code: safetensors, or torch.load(weights_only=True)
-(torch is the optional `[torch]` extra); a pickle holding anything but tensors
-is refused.
+Files are read by `mla_jax.tensor_files` (one file or an index's shards), which
+never runs arbitrary code.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ import re
 import numpy as np
 
 from mla_jax import registry
-from mla_jax.authors_layout import Layout, ShapeOf
+from mla_jax.authors_layout import Layout, Param, ShapeOf, invert
 from mla_jax.config import ModelConfig
 
 
@@ -51,54 +50,22 @@ def base_variant(name: str) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _find(path: str) -> tuple[str, str | None]:
-  if os.path.isdir(path):
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.bin"):
-      if os.path.exists(os.path.join(path, name)):
-        cfg = os.path.join(path, "config.json")
-        return os.path.join(path, name), cfg if os.path.exists(cfg) else None
-    raise ConvertError(f"{path} holds no model.safetensors or pytorch_model.bin")
-  if not os.path.exists(path):
-    raise ConvertError(f"checkpoint {path!r} does not exist")
-  cfg = os.path.join(os.path.dirname(path), "config.json")
-  return path, cfg if os.path.exists(cfg) else None
-
-
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
-  """(tensor name -> float32 array, the authors' config.json or None)."""
-  file, cfg_path = _find(path)
-  if file.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      tensors = load_file(file)
-    except Exception as e:
-      raise ConvertError(f"{file} is not a readable safetensors file ({e})") from None
-  else:
-    with open(file, "rb") as f:
-      head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":     # torch.save writes a zip archive (a pickle before torch 1.6)
-      raise ConvertError(f"{file} is not a PyTorch checkpoint (neither the zip archive nor the pickle "
-                         "torch.save writes); pass a .bin/.pt saved by torch.save or a .safetensors file")
-    try:
-      import torch
-    except ImportError:
-      raise ConvertError(f"{file} is a PyTorch pickle: install the optional extra "
-                         "(.venv/bin/pip install -e '.[torch]') or convert it to safetensors") from None
-    try:
-      state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise ConvertError(f"refused to load {file}: it holds more than tensors, and only "
-                         f"weights-only checkpoints are read ({type(e).__name__})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-      state = state["model"]
-    if not isinstance(state, dict):
-      raise ConvertError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
-    tensors = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  """(tensor name -> float32 array, the authors' config.json or None): one file,
+  or the shards an index lists (their released weights: `pytorch_model-0000k-of-N.bin`)."""
+  from mla_jax.tensor_files import CheckpointFileError, TensorFiles
+  try:
+    tensors = TensorFiles(path).read_all()
+  except CheckpointFileError as e:
+    raise ConvertError(str(e)) from None
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  cfg_path = os.path.join(folder, "config.json")
+  cfg_path = cfg_path if os.path.exists(cfg_path) else None
   tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   for name, value in tensors.items():
     bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
     if bad:
-      raise ConvertError(f"{file}: tensor {name!r} holds {bad} NaN or infinite values; the checkpoint is "
+      raise ConvertError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values; the checkpoint is "
                          "damaged or diverged: re-download it, or convert an earlier one")
   config = None
   if cfg_path:
@@ -155,6 +122,8 @@ def infer_config(variant: str, tensors: dict, config_json: dict | None = None,
 
 
 def _attention_layout(config: ModelConfig) -> Layout:
+  if config.attention.variant not in importable():
+    raise ConvertError(f"the authors' code has no {config.attention.variant} model")
   try:
     return registry.get(config.attention.variant).module.authors_layout(config.attention, config.d_model)
   except ValueError as e:
@@ -204,21 +173,73 @@ def check_tensors(tensors: dict, config: ModelConfig) -> None:
 # ----------------------------------------------------------------------------- mapping
 
 
-def _params(config: ModelConfig, t: dict) -> dict[tuple, np.ndarray]:
-  """Our parameter paths -> arrays, from the authors' tensors (checked first)."""
+def model_layout(config: ModelConfig) -> Layout:
+  """Every tensor of the authors' model of `config`, and how each of our parameters is built from them."""
   attn = _attention_layout(config)
-  out = {("embed",): t.get("transformer.wte.weight", t.get("lm_head.weight")),
-         ("final_norm", "weight"): t["layernorm.weight"]}
+  identity = lambda w: w                                               # noqa: E731
+  transpose = lambda w: w.T                                            # noqa: E731
+  params = [Param(("embed",), ("transformer.wte.weight",), identity),
+            Param(("final_norm", "weight"), ("layernorm.weight",), identity)]
   for i in range(config.num_layers):
     p, a, layer = f"transformer.h.{i}.", ATTN.format(i), ("layers", i)
-    out[layer + ("attn_norm", "weight")] = t[p + "input_layernorm.weight"]
-    out[layer + ("mlp_norm", "weight")] = t[p + "post_attention_layernorm.weight"]
-    out[layer + ("mlp", "w_gate")] = t[p + "mlp.c_fc1.weight"].T
-    out[layer + ("mlp", "w_up")] = t[p + "mlp.c_fc2.weight"].T
-    out[layer + ("mlp", "w_down")] = t[p + "mlp.c_proj.weight"].T
-    for param in attn.params:
-      out[layer + ("attn",) + param.path] = param.build(*(t[a + name] for name in param.sources))
-  return out
+    params += [Param(layer + ("attn_norm", "weight"), (p + "input_layernorm.weight",), identity),
+               Param(layer + ("mlp_norm", "weight"), (p + "post_attention_layernorm.weight",), identity),
+               Param(layer + ("mlp", "w_gate"), (p + "mlp.c_fc1.weight",), transpose),
+               Param(layer + ("mlp", "w_up"), (p + "mlp.c_fc2.weight",), transpose),
+               Param(layer + ("mlp", "w_down"), (p + "mlp.c_proj.weight",), transpose)]
+    params += [Param(layer + ("attn",) + x.path, tuple(a + s for s in x.sources), x.build) for x in attn.params]
+  tensors = {k: v for k, v in authors_layout(config).items() if k != "lm_head.weight"}   # tied: wte holds it
+  return Layout(tensors, tuple(params))
+
+
+def _params(config: ModelConfig, t: dict) -> dict[tuple, np.ndarray]:
+  """Our parameter paths -> arrays, from the authors' tensors (checked first)."""
+  if "transformer.wte.weight" not in t:
+    t = {**t, "transformer.wte.weight": t["lm_head.weight"]}
+  return {p.path: p.build(*(t[s] for s in p.sources)) for p in model_layout(config).params}
+
+
+def export_format(config: ModelConfig) -> str:
+  """'hf' where a Hugging Face format holds the model, 'authors' where only the
+  MLRA authors' layout does; one line where neither does."""
+  from mla_jax import hf
+  try:
+    hf.layout(config, hf.hf_config(config))
+    return "hf"
+  except hf.HFError as hf_why:
+    if config.flavour != "llama" or not config.tie_embeddings or config.attention.rope_scaling != "none":
+      raise ConvertError(f"{hf_why}; nor does the MLRA authors' layout (Llama flavour, tied embeddings, "
+                         "plain RoPE) hold it") from None
+    try:
+      _attention_layout(config)
+    except ConvertError as e:
+      raise ConvertError(f"{hf_why}; nor does the MLRA authors' layout: {e}") from None
+    return "authors"
+
+
+def export_authors(model, output_dir: str, *, dtype: str | None = None) -> dict:
+  """Write `model` in the MLRA authors' layout (model.safetensors and their config.json keys)."""
+  from safetensors.numpy import save_file
+
+  from mla_jax.model import per_layer_params
+  from mla_jax.tensor_files import NUMPY_DTYPES
+  config = model.config
+  if export_format(config) != "authors":
+    raise ConvertError(f"a {config.attention.variant} model exports to a Hugging Face format (mla_jax.hf.export)")
+  values = {path: np.asarray(v, np.float32) for path, v in per_layer_params(model).items()}
+  tensors = invert(model_layout(config), values)
+  tensors = {k: np.ascontiguousarray(v if dtype is None else v.astype(NUMPY_DTYPES[dtype])) for k, v in tensors.items()}
+  os.makedirs(output_dir, exist_ok=True)
+  save_file(tensors, os.path.join(output_dir, "model.safetensors"))
+  a = config.attention
+  their_config = {"n_layer": config.num_layers, "n_embd": config.d_model, "n_head": a.num_heads,
+                  "vocab_size": config.vocab_size, "intermediate_size": config.mlp_dim,
+                  "block_size": config.max_seq_len, "variant": a.variant}
+  their_config |= {k: getattr(a, k) for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "head_dim")
+                   if hasattr(a, k)}
+  with open(os.path.join(output_dir, "config.json"), "w") as f:
+    json.dump(their_config, f, indent=2)
+  return {"tensors": len(tensors), "shards": 1, "bytes": sum(t.nbytes for t in tensors.values())}
 
 
 def to_model(variant: str, tensors: dict, config_json: dict | None = None, num_heads: int | None = None,
@@ -248,22 +269,12 @@ def convert(path: str, variant: str, output_dir: str, *, num_heads: int | None =
             tokenizer: str = "", scales: bool = True) -> dict:
   """Write the authors' checkpoint as a run directory of ours (step 0): evaluate,
   decode or continue training it with `experiments.run --output_dir=...`."""
-  import jax.numpy as jnp
-  from flax import nnx
-
   from mla_jax import train as T
-  from mla_jax.config import RunOptions
   tensors, config_json = read_checkpoint(path)
   model = to_model(variant, tensors, config_json, num_heads, scales)
-  ckpt_dir = os.path.join(output_dir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ConvertError(f"{ckpt_dir} already holds checkpoints; give a new --output_dir")
-  _, params = nnx.split(model, nnx.Param)
-  state = {"params": params, "step": jnp.zeros((), jnp.int32)}
-  ckpt = T.Checkpoints(ckpt_dir, async_save=False)
-  meta = T.run_meta(model.config, RunOptions(), T.TrainConfig(),
-                    tokenizer=os.path.abspath(tokenizer) if tokenizer else "", tokenizer_name="", data="",
-                    step=0, converted_from=os.path.abspath(path))
-  ckpt.save(0, state, {"iterator": None}, meta)
-  ckpt.close()
+  try:
+    T.save_step0(output_dir, model, tokenizer=os.path.abspath(tokenizer) if tokenizer else "", tokenizer_name="",
+                 data="", converted_from=os.path.abspath(path))
+  except ValueError as e:
+    raise ConvertError(str(e)) from None
   return {"config": model.config, "tensors": len(tensors), "output_dir": output_dir}

@@ -23,10 +23,11 @@ class Generated:
 
 
 def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
-             rng: jax.Array | int = 0, sampling: Sampling = Sampling(), stop_token: int | None = None,
+             rng: jax.Array | int = 0, sampling: Sampling = Sampling(), stop_token=None,
              pad_token: int = 0, page_size: int | None = None, prefill_chunk: int = 64, drafter=None) -> Generated:
   """Continue each prompt. prompts: [B, S] right-padded; prompt_lengths: [B] (1..S).
-  Sequence b samples with seed rng + b (its tokens do not depend on the others)."""
+  Sequence b samples with seed rng + b (its tokens do not depend on the others).
+  `stop_token`: an id or several (any of them ends a sequence), or None."""
   prompts = np.asarray(prompts, np.int32)
   prompt_lengths = np.asarray(prompt_lengths, np.int32)
   if prompts.ndim != 2:
@@ -55,7 +56,7 @@ def generate(model: nnx.Module, prompts, prompt_lengths, *, max_new_tokens: int,
   engine = Engine(model, max_seqs=batch, page_size=page_size, max_len=max_len, drafter=drafter,
                   prefill_chunk=min(prefill_chunk, 1 << (int(prompt_lengths.max()) - 1).bit_length()),
                   row_buckets=(batch,), width_buckets=(-(-max_len // page_size),))
-  stop = () if stop_token is None else (int(stop_token),)
+  stop = () if stop_token is None else tuple(int(t) for t in np.atleast_1d(stop_token))
   for b in range(batch):
     engine.submit(Request(tuple(int(t) for t in prompts[b, :prompt_lengths[b]]), max_new_tokens, sampling,
                           stop, seed=int(rng) + b, id=b))

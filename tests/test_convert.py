@@ -153,3 +153,42 @@ def test_convert_command(tmp_path):
                         f"--torch_checkpoint={tmp_path / 'nope.bin'}", "--variant=mla",
                         f"--output_dir={tmp_path / 'run2'}"], capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("variant", ["mlra4", "gla2", "mla_gated", "tpa", "mfa", "gta"])
+def test_export_to_the_authors_layout_gives_their_tensors_back(variant, tmp_path):
+  """Their tensors -> our model -> export_authors: the same tensors, bit for bit
+  (lm_head is tied to wte and not written), and a config.json convert reads back."""
+  from safetensors.numpy import load_file
+  tensors, config = random_tensors(variant), MANIFEST[variant]["config"]
+  model = convert.to_model(convert.base_variant(variant), tensors, config_json=config)
+  assert convert.export_format(model.config) == "authors"          # no Hugging Face format holds these
+  out = convert.export_authors(model, str(tmp_path / "out"))
+  written = load_file(str(tmp_path / "out" / "model.safetensors"))
+  assert out["tensors"] == len(written) == len(tensors) - 1
+  for name, value in written.items():
+    assert np.array_equal(value, tensors[name]), name
+  again = convert.to_model(convert.base_variant(variant), *convert.read_checkpoint(str(tmp_path / "out")))
+  assert again.config == model.config
+
+
+def test_sharded_bin_release_with_an_index(tmp_path):
+  """Their released 2.9B weights: `pytorch_model-0000k-of-N.bin` shards and an
+  index (as save_pretrained writes them), read weights-only, one shard at a time."""
+  torch = pytest.importorskip("torch")
+  tensors, config = random_tensors("mlra4"), MANIFEST["mlra4"]["config"]
+  names = sorted(tensors)
+  weight_map = {}
+  for k, part in enumerate((names[:10], names[10:25], names[25:]), 1):
+    file = f"pytorch_model-{k:05d}-of-00003.bin"
+    torch.save({n: torch.from_numpy(tensors[n].copy()) for n in part}, tmp_path / file)
+    weight_map |= {n: file for n in part}
+  (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  read, config_json = convert.read_checkpoint(str(tmp_path))
+  assert config_json == config and sorted(read) == names
+  assert all(np.array_equal(read[n], tensors[n]) for n in names)
+  os.remove(tmp_path / "pytorch_model-00002-of-00003.bin")
+  with pytest.raises(convert.ConvertError, match="shard pytorch_model-00002-of-00003.bin listed in "
+                                                 r"pytorch_model.bin.index.json is missing \(1 of 3 missing\)"):
+    convert.read_checkpoint(str(tmp_path))

@@ -136,6 +136,20 @@ def test_each_row_packs_its_own_documents(corpus, spm):
     np.testing.assert_array_equal(stream, expected[:len(stream)])
 
 
+def test_a_begin_token_leads_each_document(corpus, spm):
+  """An imported model's begin token (tokenizer.bos_id, from its run's meta) starts every document."""
+  import copy
+  with_bos = tok.use_special_tokens(copy.copy(spm), {"add_bos": True, "bos_id": 2})
+  seq, B = 16, 2
+  batches = _take(pipeline.PackedBatches(corpus["train"], with_bos, seq_len=seq, batch_size=B,
+                                         shuffle=False, repeat=False), 2)
+  docs = texts(corpus["train"])
+  for r in range(B):
+    stream = np.concatenate([b[r] for b in batches])
+    expected = np.concatenate([[2] + spm.encode(t) + [spm.eos_id] for t in docs[r::B]])
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
+
+
 def test_shuffling_is_seeded(corpus, spm):
   make = lambda seed: _take(pipeline.PackedBatches(corpus["train"], spm, seq_len=16, batch_size=4,  # noqa: E731
                                                    seed=seed), 4)

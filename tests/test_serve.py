@@ -93,6 +93,7 @@ def test_a_pool_too_small_is_refused_before_loading(run_dir, tmp_path):
 
 class _Tok:
   eos_id = 0
+  stop_ids, bos_id = (0,), None
 
   def encode(self, text):
     return [ord(c) % 50 + 1 for c in text]

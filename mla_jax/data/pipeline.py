@@ -24,11 +24,13 @@ from mla_jax.data.builders import text_of
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenize:
-  """Document -> token ids with the end-of-text separator appended."""
+  """Document -> token ids with the end-of-text separator appended, after the
+  begin token where the model was trained with one (an imported checkpoint's)."""
   tokenizer: object
 
   def __call__(self, record):
-    ids = self.tokenizer.encode(text_of(record))
+    bos = getattr(self.tokenizer, "bos_id", None)
+    ids = ([bos] if bos is not None else []) + self.tokenizer.encode(text_of(record))
     ids.append(self.tokenizer.eos_id)
     return {"tokens": np.asarray(ids, np.int32)}
 

@@ -3,7 +3,10 @@ or a user's file: a SentencePiece `.model` or a Hugging Face `tokenizer.json`
 (GPT-2's, for example, which converted MLRA checkpoints need).
 
 Everything downstream sees one small interface: `encode`, `decode`,
-`vocab_size`, `eos_id` (the separator packed between documents).
+`vocab_size`, `eos_id` (the separator packed between documents), and for
+generation `stop_ids` (every end token: Llama-3 has several) and `bos_id` (put
+before a prompt, or None), which an imported checkpoint's run records
+(`use_special_tokens`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ class Tokenizer(Protocol):
   vocab_size: int
   eos_id: int
   name: str
+  stop_ids: tuple[int, ...]
+  bos_id: int | None
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -35,6 +40,7 @@ class SentencePieceTokenizer:
     eos = int(self._sp.eos_id())
     self.eos_id = eos if eos >= 0 else int(self._sp.piece_to_id("</s>"))
     self.name = f"sentencepiece:{os.path.basename(path)}"
+    self.stop_ids, self.bos_id = (self.eos_id,), None
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text))
@@ -53,19 +59,47 @@ class HuggingFaceTokenizer:
     self.path = path
     self._tok = HFTokenizer.from_file(path)
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-    eos = next((self._tok.token_to_id(t) for t in self.EOS_CANDIDATES
-                if self._tok.token_to_id(t) is not None), None)
+    # the end token tokenizer_config.json beside it names (DeepSeek's <｜end▁of▁sentence｜>), else a usual one
+    candidates = tuple(t for t in (_configured_eos(path),) if t) + self.EOS_CANDIDATES
+    eos = next((self._tok.token_to_id(t) for t in candidates if self._tok.token_to_id(t) is not None), None)
     if eos is None:
-      raise ValueError(f"{path}: no end-of-text token ({', '.join(self.EOS_CANDIDATES)}) in the "
+      raise ValueError(f"{path}: no end-of-text token ({', '.join(candidates)}) in the "
                        "vocabulary; documents need one as a separator")
     self.eos_id = int(eos)
     self.name = f"huggingface:{os.path.basename(path)}"
+    self.stop_ids, self.bos_id = (self.eos_id,), None
 
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+def _configured_eos(path: str) -> str | None:
+  config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  try:
+    with open(config) as f:
+      eos = json.load(f).get("eos_token")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None
+
+
+def use_special_tokens(tokenizer: Tokenizer, meta: dict) -> Tokenizer:
+  """The stop and begin tokens a run recorded (an imported Hugging Face checkpoint's
+  generation_config.json and tokenizer_config.json), where it recorded them."""
+  if meta.get("eos_ids"):
+    tokenizer.stop_ids = tuple(int(i) for i in meta["eos_ids"])
+  if meta.get("add_bos") and meta.get("bos_id") is not None:
+    tokenizer.bos_id = int(meta["bos_id"])
+  return tokenizer
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+  """A prompt's ids, after the begin token where the model was trained with one."""
+  ids = tokenizer.encode(text)
+  return ([tokenizer.bos_id] if tokenizer.bos_id is not None and ids else []) + ids
 
 
 def load(path: str) -> Tokenizer:
