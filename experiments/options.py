@@ -74,7 +74,7 @@ def field_flags(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[dataclasses
   hints = typing.get_type_hints(cls)
   out = []
   for f in dataclasses.fields(cls):
-    if f.name in skip:
+    if f.name in skip or not f.metadata.get("cli", True):
       continue
     meta = f.metadata
     name = meta.get("flag") or f.name
@@ -105,7 +105,7 @@ def all_specs() -> list[FlagSpec]:
 
 
 MODES = ("train", "eval", "generate", "serve", "bench_train", "bench_decode", "kv_report", "decode_traffic",
-         "convert", "params", "cache_quality", "plan")
+         "convert", "export", "params", "cache_quality", "plan", "convert_latent", "convert_report")
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -187,6 +187,25 @@ def model_config(fv: flags.FlagValues, variant: str | None = None) -> ModelConfi
   return ModelConfig(attention=attention, **_fields(fv, ModelConfig, ("attention",)))
 
 
+def _given(fv: flags.FlagValues, spec: FlagSpec) -> bool:
+  return fv[spec.name].present or bool(spec.legacy and fv[spec.legacy].present)
+
+
+def run_model_config(fv: flags.FlagValues, saved: ModelConfig) -> ModelConfig:
+  """A run's own model (`saved`: imported, converted or trained) with the model
+  flags the command line gives applied, so training continues a run without
+  restating its model; a flag that contradicts it is then named by the resume
+  check. --preset or another --variant describe a model of their own."""
+  if fv.preset or (fv["variant"].present and fv.variant != saved.attention.variant):
+    return model_config(fv)
+  variant = saved.attention.variant
+  free = {f.name for f in registry.free_fields(variant)}
+  attention = {f.name: _value(fv, spec) for f, spec in field_flags(registry.get(variant).config)
+               if f.name in free and _given(fv, spec)}
+  top = {f.name: _value(fv, spec) for f, spec in field_flags(ModelConfig, ("attention",)) if _given(fv, spec)}
+  return dataclasses.replace(saved, attention=dataclasses.replace(saved.attention, **attention), **top)
+
+
 @dataclasses.dataclass(frozen=True)
 class Configs:
   model: ModelConfig
@@ -257,8 +276,29 @@ def define_mode_flags(fv: flags.FlagValues) -> None:
   # convert
   d("string", "torch_checkpoint", None, "convert: the authors' checkpoint (safetensors, a weights-only torch "
     "pickle, or a folder holding one and its config.json); --nolatent_scales imports their *_no_scale models.")
+  d("string", "hf_checkpoint", None, "convert: a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, "
+    "dense DeepSeek-V2/V3; safetensors or .bin, one file or shards) to import as --output_dir, with its "
+    "tokenizer; --param_dtype, when given, is the stored dtype (default: the checkpoint's).")
+  # export
+  d("string", "export_dir", None, "export: the folder to write --output_dir's newest checkpoint to, as a Hugging "
+    "Face checkpoint (MHA/MQA/GQA: Llama, Qwen2 or Qwen3; MLA: DeepSeek-V3) or, for variants no Hugging Face "
+    "format holds, the MLRA authors' layout.")
+  d("enum", "export_dtype", "auto", ["auto", "float32", "bfloat16", "float16"], "export: tensor dtype (auto: the "
+    "parameters').")
+  d("integer", "max_shard_mb", 5000, "export: largest safetensors shard, MB; larger checkpoints are sharded with "
+    "an index.")
   d("integer", "convert_num_heads", None, "convert: query heads, when the checkpoint has no config.json and the "
     "variant's shapes do not tell (MHA/MQA/GQA).")
+  # convert_latent, convert_report (experiments/convert_latent.py)
+  d("string", "convert_from", None, "convert_latent, convert_report: the MHA/MQA/GQA run directory to turn into "
+    "--variant (mla, gla2, gla4, mlra2, mlra4) at --kv_lora_rank and --qk_rope_head_dim.")
+  d("integer", "calibration_batches", 4, "convert_latent, convert_report: --eval_batch_size windows of the "
+    "training split, per batch, that choose the RoPE frequencies and the latent directions.")
+  d("list", "report_variants", ["mla", "gla2", "mlra4"], "convert_report: the latent variants to convert into.")
+  d("list", "report_ranks", ["32", "64"], "convert_report: kv_lora_rank values.")
+  d("list", "report_rope_dims", ["16"], "convert_report: qk_rope_head_dim values.")
+  d("bool", "report_distill", True, "convert_report: fine-tune each conversion a second time, distilling from "
+    "the source (--distill_weight).")
   # reports
   d("enum", "family", "flags", ["flags", "paper", "study"], "kv_report: which models to compare. paper/study: the "
     "presets of the MLRA paper or the small-model study; flags: every --variants entry built from the model flags.")

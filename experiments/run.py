@@ -21,10 +21,20 @@ Modes:
   decode_traffic  the same rows plus, from one block's compiled sharded decode
                step at each TP degree: the cache and weight bytes each device
                takes in, XLA's bytes accessed, and the collectives in the HLO.
-  convert      import a checkpoint of the MLRA authors' PyTorch code (--torch_checkpoint,
-               --variant) as a run directory (--output_dir) that eval, generate
-               and train read.
+  convert      import a Hugging Face checkpoint (--hf_checkpoint: Llama, Mistral, Qwen2,
+               Qwen3, dense DeepSeek-V2/V3) or one of the MLRA authors' PyTorch code
+               (--torch_checkpoint, --variant) as a run directory (--output_dir)
+               that eval, generate, serve and train read.
+  export       write --output_dir's newest checkpoint to --export_dir as a Hugging
+               Face checkpoint (or in the MLRA authors' layout, for the variants
+               no Hugging Face format holds).
   params       parameter counts and cache sizes of every named preset.
+  convert_latent  turn the MHA/MQA/GQA run --convert_from into --variant (MLA, GLA,
+               MLRA) at --kv_lora_rank and --qk_rope_head_dim, as step 0 of --output_dir
+               (fine-tune it with --mode=train, optionally --distill_from the source).
+  convert_report  that over --report_variants x --report_ranks x --report_rope_dims:
+               KL before, loss after --steps of fine-tuning (with and without
+               distillation) beside the same variant trained from scratch; a CSV row each.
 """
 from __future__ import annotations
 
@@ -64,6 +74,9 @@ def run_train() -> None:
   from mla_jax import count_params
   c = options.build(FLAGS)
   config, tc = c.model, c.train
+  saved = trainer.saved_config(c.loop.output_dir)
+  if saved is not None:                 # continue the run's own model (an imported one too)
+    config = options.run_model_config(FLAGS, saved)
   counts = count_params(config)
   print(f"model: {config.flavour} / {config.attention.variant}, {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding), {config.cache_elements_per_token()} cached "
@@ -106,18 +119,19 @@ def run_generate() -> None:
   config, model, tokenizer, meta, _ = trainer.load_run(c.loop.output_dir, c.loop.mesh, c.loop.rules,
                                                        options=c.options, tokenizer=c.data.tokenizer,
                                                        before_compile=cache_fits)
-  ids = tokenizer.encode(c.loop.prompt)
+  from mla_jax.data.tokenizer import prompt_ids
+  ids = prompt_ids(tokenizer, c.loop.prompt)
   if not ids:
     raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
   kwargs = dict(max_new_tokens=c.loop.sample_tokens, rng=c.train.seed, sampling=c.sampling,
-                stop_token=tokenizer.eos_id, pad_token=tokenizer.eos_id)
+                stop_token=tokenizer.stop_ids, pad_token=tokenizer.eos_id)
   start = time.perf_counter()
   out = generate(model, np.asarray([ids]), [len(ids)], **kwargs)
   first = time.perf_counter() - start
   start = time.perf_counter()
   out = generate(model, np.asarray([ids]), [len(ids)], **kwargs)
   again = time.perf_counter() - start
-  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) != tokenizer.eos_id]
+  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) not in tokenizer.stop_ids]
   print(f"model: step {meta['step']} of {c.loop.output_dir} ({config.attention.variant})")
   print(c.loop.prompt + tokenizer.decode(new))
   print(f"({out.lengths[0]} tokens; first call with compile {first:.1f}s, then "
@@ -195,9 +209,23 @@ def run_bench_decode() -> None:
 
 
 def run_convert() -> None:
-  from mla_jax import convert, count_params
+  from mla_jax import convert, count_params, hf
+  if FLAGS.hf_checkpoint and FLAGS.torch_checkpoint:
+    raise ValueError("--mode=convert takes one of --hf_checkpoint and --torch_checkpoint, not both")
+  if FLAGS.hf_checkpoint:
+    dtype = FLAGS.param_dtype if FLAGS["param_dtype"].present else "auto"
+    out = hf.import_checkpoint(FLAGS.hf_checkpoint, FLAGS.output_dir, param_dtype=dtype)
+    c = out["config"]
+    print(f"imported {out['tensors']} tensors: {c.attention.variant}, {c.num_layers} layers, d {c.d_model}, "
+          f"{c.attention.num_heads} query heads, {count_params(c)['total']:,} parameters ({c.param_dtype})")
+    print(f"tokenizer: {out['tokenizer'] or 'none in the checkpoint folder (pass --tokenizer=... to generate)'}; "
+          f"stop tokens {out['eos_ids']}, begin token {out['bos_id'] if out['add_bos'] else 'none'}")
+    print(f"wrote {FLAGS.output_dir}/checkpoints/0; evaluate, generate, serve or fine-tune with "
+          f"--output_dir={FLAGS.output_dir}")
+    return
   if not FLAGS.torch_checkpoint:
-    raise ValueError("--mode=convert needs --torch_checkpoint=PATH")
+    raise ValueError("--mode=convert needs --torch_checkpoint=PATH (the MLRA authors' code) or "
+                     "--hf_checkpoint=DIR (a Hugging Face checkpoint)")
   out = convert.convert(FLAGS.torch_checkpoint, FLAGS.variant, FLAGS.output_dir,
                         num_heads=FLAGS.convert_num_heads, tokenizer=FLAGS.tokenizer, scales=FLAGS.latent_scales)
   c = out["config"]
@@ -207,6 +235,68 @@ def run_convert() -> None:
   print(f"wrote {FLAGS.output_dir}/checkpoints/0; evaluate, decode or continue training with "
         f"--output_dir={FLAGS.output_dir}" + ("" if FLAGS.tokenizer else " (pass --tokenizer=... to convert "
                                                "to give it the tokenizer its text needs)"))
+
+
+def _latent_target() -> tuple[str, int, int]:
+  if not FLAGS.convert_from:
+    raise ValueError(f"--mode={FLAGS.mode} needs --convert_from=RUN_DIR (an MHA/MQA/GQA run)")
+  from mla_jax.convert_latent import TARGETS
+  if FLAGS.mode == "convert_latent" and FLAGS.variant not in TARGETS:
+    raise ValueError(f"--variant={FLAGS.variant}: convert_latent converts into {', '.join(TARGETS)}")
+  widths = options.attention_kwargs(FLAGS, "mla")            # with the legacy --rope_head_dim spelling
+  return FLAGS.variant, widths["kv_lora_rank"], widths["qk_rope_head_dim"]
+
+
+def run_convert_latent() -> None:
+  from experiments import convert_latent
+  variant, rank, rope_dim = _latent_target()
+  c = options.build(FLAGS)
+  if FLAGS.calibration_batches < 1:
+    raise ValueError(f"--calibration_batches must be >= 1, got {FLAGS.calibration_batches}")
+  out = convert_latent.convert_run(FLAGS.convert_from, c.loop.output_dir, c.data, variant=variant,
+                                   kv_lora_rank=rank, rope_head_dim=rope_dim,
+                                   calibration_batches=FLAGS.calibration_batches,
+                                   batch_size=c.loop.eval_batch_size, eval_batches=c.loop.eval_batches)
+  print(convert_latent.summary(out, FLAGS.convert_from, c.loop.output_dir))
+
+
+def run_convert_report() -> None:
+  from experiments import convert_latent
+  _latent_target()
+  c = options.build(FLAGS)
+  try:
+    ranks, rope_dims = [int(r) for r in FLAGS.report_ranks], [int(p) for p in FLAGS.report_rope_dims]
+  except ValueError:
+    raise ValueError("--report_ranks and --report_rope_dims take integers, e.g. --report_ranks=32,64") from None
+  path = convert_latent.report(FLAGS.convert_from, c.loop.output_dir, c, variants=FLAGS.report_variants,
+                               ranks=ranks, rope_dims=rope_dims, distill=FLAGS.report_distill,
+                               calibration_batches=FLAGS.calibration_batches)
+  print(f"wrote {path}; build the page with python -m experiments.convert_page --csv={path}")
+
+
+def run_export() -> None:
+  from experiments import trainer
+  from mla_jax import convert, hf
+  if not FLAGS.export_dir:
+    raise ValueError("--mode=export needs --export_dir=DIR (a new folder)")
+  config = trainer.run_config(FLAGS.output_dir)
+  dtype = None if FLAGS.export_dtype == "auto" else FLAGS.export_dtype
+  fmt = convert.export_format(config)                     # refused here, before any weight is read
+  if os.path.exists(FLAGS.export_dir) and not (os.path.isdir(FLAGS.export_dir) and not os.listdir(FLAGS.export_dir)):
+    raise ValueError(f"{FLAGS.export_dir} exists and is not an empty folder; give a new --export_dir")
+  _, model, _, meta, _ = trainer.load_run(FLAGS.output_dir, need_tokenizer=False)
+  tokenizer = meta.get("tokenizer") or ""
+  tokenizer_dir = os.path.dirname(tokenizer) if tokenizer.endswith("tokenizer.json") else None
+  if fmt == "hf":
+    out = hf.export(model, FLAGS.export_dir, dtype=dtype, max_shard_bytes=FLAGS.max_shard_mb << 20,
+                    special=meta, tokenizer_dir=tokenizer_dir)
+    what = out["architecture"]
+  else:
+    out = convert.export_authors(model, FLAGS.export_dir, dtype=dtype)
+    what = "the MLRA authors' layout"
+  print(f"wrote {out['tensors']} tensors ({out['bytes'] / 1e6:.1f} MB, {out['shards']} file(s)) to "
+        f"{FLAGS.export_dir} as {what}" + ("" if tokenizer_dir or fmt != "hf" else
+                                            "; the run's tokenizer is not a tokenizer.json, so none was copied"))
 
 
 def run_cache_quality() -> None:
@@ -327,6 +417,12 @@ def main(argv):
       run_kv_report(tps, cps, compiled=FLAGS.mode == "decode_traffic")
     elif FLAGS.mode == "convert":
       run_convert()
+    elif FLAGS.mode == "export":
+      run_export()
+    elif FLAGS.mode == "convert_latent":
+      run_convert_latent()
+    elif FLAGS.mode == "convert_report":
+      run_convert_report()
     else:                   # the modes that may span several processes
       start_distributed()
       {"train": run_train, "eval": run_eval, "generate": run_generate, "bench_train": run_bench_train,

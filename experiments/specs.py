@@ -51,6 +51,8 @@ class LoopSpec:
   prompt: str = option("Once upon a time", "Prompt for generate and for the samples.")
   sample_tokens: int = option(120, "Tokens to generate.", flag="max_new_tokens")
   progress: bool = option(True, "Show a progress bar.")
+  distill_from: str = option("", "train: a run directory whose model teaches this one (its tokenizer and "
+                                 "vocabulary): the loss mixes in KL(teacher || model), --distill_weight.")
 
   def __post_init__(self):
     # checked as the flags are read, before any data is built or anything compiles

@@ -246,21 +246,27 @@ def evaluate(eval_step, params, batches, mesh, rules=sharding.RULES) -> dict:
 
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int = 0,
            sampling: Sampling = Sampling(temperature=0.8, top_k=40, top_p=0.95)) -> str:
-  ids = tokenizer.encode(prompt)
+  ids = tok.prompt_ids(tokenizer, prompt)
   if not ids:
     raise RunError("the prompt encodes to no tokens; give a non-empty --prompt")
   if model.config.flavour == "gpt2":
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
   out = generate(model, np.asarray([ids]), [len(ids)], max_new_tokens=max_new_tokens, rng=seed,
-                 sampling=sampling, stop_token=tokenizer.eos_id, pad_token=tokenizer.eos_id)
-  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) != tokenizer.eos_id]
+                 sampling=sampling, stop_token=tokenizer.stop_ids, pad_token=tokenizer.eos_id)
+  new = [int(t) for t in out.tokens[0, :out.lengths[0]] if int(t) not in tokenizer.stop_ids]
   return prompt + tokenizer.decode(new)
 
 
-def _meta(config: ModelConfig, options: RunOptions, tc: T.TrainConfig, data: Data, step: int) -> dict:
+# What an imported checkpoint says of its model that training does not change:
+# its stop and begin tokens and where it came from, kept by every later checkpoint.
+CARRIED_META = ("eos_ids", "bos_id", "add_bos", "hf_model_type")
+
+
+def _meta(config: ModelConfig, options: RunOptions, tc: T.TrainConfig, data: Data, step: int,
+          carried: dict) -> dict:
   return T.run_meta(config, options, tc, tokenizer=getattr(data.tokenizer, "path", ""),
                     tokenizer_name=data.tokenizer.name, tokenizer_sha256=data.tokenizer_sha256,
-                    data=data.key, step=step)
+                    data=data.key, step=step, **carried)
 
 
 def _same_tokenizer(path: str, meta: dict) -> bool:
@@ -284,6 +290,8 @@ def resume_data(meta: dict, spec: DataSpec, tc: T.TrainConfig, run_dir: str) -> 
   --allow_data_change, which keeps the weights and optimizer and starts a fresh data
   order. An imported step-0 run has no data of its own: any data goes."""
   if "converted_from" in meta:
+    if not spec.tokenizer and os.path.exists(meta.get("tokenizer") or ""):
+      spec = dataclasses.replace(spec, tokenizer=meta["tokenizer"])     # the imported model's own tokenizer
     return spec, False
   key, recorded = data_key(spec), meta.get("tokenizer") or ""
   changes = []
@@ -337,6 +345,17 @@ def _save_failed(ckpt: T.Checkpoints, step: int, error: Exception) -> RunError:
                   f"{kept}: free disk space (or fix the folder) and rerun this command")
 
 
+def _teacher_meta(run_dir: str, config: ModelConfig, output_dir: str) -> dict:
+  """A --distill_from run's meta, after the checks that need no weights (one line each)."""
+  if os.path.abspath(run_dir) == os.path.abspath(output_dir):
+    raise RunError("--distill_from names the run being trained; give the teacher's own run directory")
+  teacher = run_config(run_dir)
+  if teacher.vocab_size != config.vocab_size:
+    raise RunError(f"--distill_from={run_dir} has {teacher.vocab_size} vocabulary rows and this model "
+                   f"{config.vocab_size}; a teacher must share the vocabulary")
+  return load_meta(run_dir)
+
+
 def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> tuple[int | None, dict]:
   """(the step to resume from, its meta), after checking the saved model matches
   this one (how the run executes, its RunOptions, may change on resume)."""
@@ -349,7 +368,8 @@ def check_run_dir(ckpt: T.Checkpoints, config: ModelConfig) -> tuple[int | None,
       break
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: set aside, fall back
       _damaged(ckpt, step, e)
-  diff = T.config_mismatch(meta["model_config"], config.to_dict())
+  # compared in the current format: fields a newer format added read as their defaults
+  diff = T.config_mismatch(registry.config_from_dict(meta["model_config"]).to_dict(), config.to_dict())
   if diff:
     raise RunError(f"{ckpt.directory} holds checkpoints of a different model ({diff}); "
                    "pass matching model flags to resume it, or a new --output_dir")
@@ -377,6 +397,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   if data_spec.tokenizer:
     tok.load(data_spec.tokenizer)                    # a bad --tokenizer is refused before any data is built
   data_key(data_spec)                                # so is a missing, binary or too short stories file
+  teacher_meta = _teacher_meta(loop.distill_from, config, loop.output_dir) if loop.distill_from else None
   os.makedirs(loop.output_dir, exist_ok=True)
   ckpt = T.Checkpoints(os.path.join(loop.output_dir, "checkpoints"), keep=loop.keep_checkpoints,
                        async_save=loop.async_checkpoints)
@@ -384,11 +405,17 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
   keep_position, position = False, None
   if resume is not None:
     data_spec, keep_position = resume_data(meta, data_spec, tc, loop.output_dir)
+  carried = {k: meta[k] for k in CARRIED_META if k in meta}
   data = prepare_data(data_spec)
+  tok.use_special_tokens(data.tokenizer, carried)      # an imported model's begin token leads each document
   if keep_position and meta.get("tokenizer_sha256") and data.tokenizer_sha256 != meta["tokenizer_sha256"]:
     raise RunError(f"the tokenizer rebuilt at {data.tokenizer.path} differs from the one {loop.output_dir} "
                    f"recorded ({meta['tokenizer']}, now missing); restore that file and pass "
                    "--tokenizer=PATH, or pass --allow_data_change to continue on the new token ids")
+  if teacher_meta is not None and teacher_meta.get("tokenizer_sha256") not in ("", None, data.tokenizer_sha256):
+    raise RunError(f"--distill_from={loop.distill_from} was trained with another tokenizer "
+                   f"({teacher_meta.get('tokenizer')}) than this run's ({data.tokenizer.path}); a teacher must "
+                   "read the same token ids")
   if data.tokenizer.vocab_size > config.vocab_size:
     raise RunError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                    f"{config.vocab_size} embedding rows; raise the model's vocab_size")
@@ -424,7 +451,12 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
     raise
   except Exception as e:  # noqa: BLE001 - a damaged array_record file
     raise data.damaged(e, "the validation split") from None
-  step_fn = T.make_train_step(graphdef, tc, shardings, mesh, rules)
+  teacher = None
+  if loop.distill_from:
+    _, _, _, _, (t_graphdef, t_state, _, _) = load_run(loop.distill_from, loop.mesh, loop.rules,
+                                                       need_tokenizer=False, options=options)
+    teacher = (t_graphdef, t_state["params"])
+  step_fn = T.make_train_step(graphdef, tc, shardings, mesh, rules, teacher=teacher)
   eval_fn = T.make_eval_step(graphdef, mesh, rules)
   metrics = Metrics(loop.output_dir, start)
   last_good = resume
@@ -458,7 +490,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
         raise RunError(f"{what} at step {step}; stopped. {where}. Lower --learning_rate or "
                        "raise --warmup_steps")
       record = {"kind": "train", "step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                "lr": float(m["lr"])}
+                "lr": float(m["lr"])} | {k: float(m[k]) for k in ("cross_entropy", "distill_kl") if k in m}
       if step % loop.log_every == 0 or step == tc.steps:
         now = time.perf_counter()
         record["tokens_per_s"] = (step - s_last) * tokens_per_step / max(now - t_last, 1e-9)
@@ -476,7 +508,7 @@ def train(config: ModelConfig, tc: T.TrainConfig, data_spec: DataSpec, loop: Loo
         if error is not None:
           raise _save_failed(ckpt, last_good, error)
         try:
-          ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, options, tc, data, step))
+          ckpt.save(step, state, {"iterator": iterator.get_state()}, _meta(config, options, tc, data, step, carried))
         except Exception as e:  # noqa: BLE001 - the save's own folder could not be written
           raise _save_failed(ckpt, step, e) from None
         last_good = step
@@ -516,6 +548,24 @@ def restore_converted_params(run_dir: str):
   return load_run(run_dir, need_tokenizer=False)[1]
 
 
+def saved_config(run_dir: str) -> ModelConfig | None:
+  """The model config of a run's newest checkpoint whose metadata reads, or None
+  (quietly: training's own checks then set damaged steps aside)."""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return None
+  ckpt = T.Checkpoints(ckpt_dir, async_save=False)
+  try:
+    for step in ckpt.steps():
+      try:
+        return registry.config_from_dict(ckpt.read_meta(step)["model_config"])
+      except Exception:  # noqa: BLE001 - damaged: the step before
+        continue
+    return None
+  finally:
+    ckpt.close()
+
+
 def _open_run(run_dir: str) -> T.Checkpoints:
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   ckpt = T.Checkpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
@@ -536,8 +586,8 @@ def _skip_damaged(ckpt: T.Checkpoints, step: int, error: Exception, steps: list[
   log(f"warning: checkpoint step {step} in {ckpt.directory} is damaged ({why}); using step {older[0]}")
 
 
-def run_config(run_dir: str) -> ModelConfig:
-  """The model config of a run's newest readable checkpoint, from its metadata alone."""
+def load_meta(run_dir: str) -> dict:
+  """The metadata of a run's newest readable checkpoint."""
   ckpt = _open_run(run_dir)
   steps = ckpt.steps()
   for step in steps:
@@ -547,7 +597,12 @@ def run_config(run_dir: str) -> ModelConfig:
     except Exception as e:  # noqa: BLE001 - unreadable: the step before
       _skip_damaged(ckpt, step, e, steps)
   ckpt.close()
-  return registry.config_from_dict(meta["model_config"])
+  return meta
+
+
+def run_config(run_dir: str) -> ModelConfig:
+  """The model config of a run's newest readable checkpoint, from its metadata alone."""
+  return registry.config_from_dict(load_meta(run_dir)["model_config"])
 
 
 def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", need_tokenizer: bool = True,
@@ -579,7 +634,7 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
           raise RunError(f"the run's tokenizer {path!r} is missing (moved, or an imported checkpoint that "
                          "recorded none); pass --tokenizer=PATH")
         path = tokenizer
-      loaded = tok.load(path)
+      loaded = tok.use_special_tokens(tok.load(path), meta)
       meta = {**meta, "tokenizer": path}
     mesh = sharding.make_mesh(mesh_spec, config, rules=rules)
     if before_compile is not None:
@@ -598,19 +653,22 @@ def load_run(run_dir: str, mesh_spec: str = "", rules_name: str = "default", nee
   return config, T.model_from_state(graphdef, state), loaded, meta, (graphdef, state, mesh, rules)
 
 
-def validation_batches(data_spec: DataSpec, meta: dict, batch_size: int, num_batches: int) -> list:
+def validation_batches(data_spec: DataSpec, meta: dict, batch_size: int, num_batches: int,
+                       split: str = "validation") -> list:
   """The fixed validation batches of a run ([batch_size, seq_len + 1] token windows
-  of its validation split, this process's rows), with the tokenizer it recorded."""
+  of its validation split, this process's rows), with the tokenizer it recorded
+  (`split="train"`: the first windows of the training split, unshuffled)."""
   data = prepare_data(dataclasses.replace(data_spec, tokenizer=meta["tokenizer"]))
+  tok.use_special_tokens(data.tokenizer, meta)
   try:
     return pipeline.fixed_batches(
-        data.sources["validation"], data.tokenizer, seq_len=meta["train_config"]["seq_len"],
+        data.sources[split], data.tokenizer, seq_len=meta["train_config"]["seq_len"],
         batch_size=batch_size, num_batches=num_batches,
         rows=pipeline.process_rows(batch_size, jax.process_index(), jax.process_count()))
   except ValueError:
     raise
   except Exception as e:  # noqa: BLE001 - a damaged array_record file
-    raise data.damaged(e, "the validation split") from None
+    raise data.damaged(e, f"the {split} split") from None
 
 
 def run_eval(run_dir: str, data_spec: DataSpec, *, mesh: str, eval_batches: int, eval_batch_size: int,

@@ -34,6 +34,8 @@ class TrainConfig:
   grad_clip: float = option(1.0, "Global-norm gradient clipping (0 = off).")
   grad_accum: int = option(1, "Micro-batches per step (gradient accumulation).")
   seed: int = option(0, "Random seed (initialisation, data order, sampling).")
+  distill_weight: float = option(0.5, "With a teacher (--distill_from): the loss is (1 - w) cross-entropy + "
+                                      "w KL(teacher || model) of the next-token distributions.")
 
   def __post_init__(self):
     checks = [(self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
@@ -49,7 +51,8 @@ class TrainConfig:
               (0 <= self.b2 < 1, f"beta2 must be in [0, 1), got {self.b2}"),
               (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
               (self.batch_size % self.grad_accum == 0,
-               f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")]
+               f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"),
+              (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}")]
     for ok, msg in checks:
       if not ok:
         raise ValueError(msg)
@@ -89,6 +92,13 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def distill_kl(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """Mean KL(p_teacher || p_model) of the next-token distributions (nats per token)."""
+  p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), -1)
+  q = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  return (jnp.exp(p) * (p - q)).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------- state
@@ -133,46 +143,59 @@ def create_state(config: ModelConfig, tc: TrainConfig, mesh, rules=sharding.RULE
   return graphdef, state, shardings
 
 
-def make_train_step(graphdef, tc: TrainConfig, shardings, mesh, rules=sharding.RULES):
-  """jit(state, tokens [B, L+1]) -> (state, metrics); the state is donated."""
+def make_train_step(graphdef, tc: TrainConfig, shardings, mesh, rules=sharding.RULES, teacher=None):
+  """jit(state, tokens [B, L+1]) -> (state, metrics); the state is donated.
+  `teacher` (graphdef, params placed on the mesh): distil from it (`distill_kl`,
+  weighted by tc.distill_weight); the metrics then also hold the two terms."""
   tx = make_optimizer(tc)
   schedule = learning_rate_schedule(tc)
 
-  def loss_fn(params, tokens):
+  def loss_fn(params, tokens, teacher_params):
     model = nnx.merge(graphdef, params)
-    return lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    logits = model(tokens[:, :-1])
+    ce = lm_loss(logits, tokens[:, 1:])
+    if teacher is None:
+      return ce, {}
+    kl = distill_kl(logits, nnx.merge(teacher[0], teacher_params)(tokens[:, :-1]))
+    return (1 - tc.distill_weight) * ce + tc.distill_weight * kl, {"cross_entropy": ce, "distill_kl": kl}
 
-  def step(state, tokens):
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, tokens, teacher_params):
     params = state["params"]
     if tc.grad_accum == 1:
-      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      (loss, parts), grads = grad_fn(params, tokens, teacher_params)
     else:
       micro = tokens.reshape((tc.grad_accum, -1) + tokens.shape[1:])
 
       def body(carry, mb):
-        loss_sum, grad_sum = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        loss_sum, parts_sum, grad_sum = carry
+        (loss, parts), grads = grad_fn(params, mb, teacher_params)
+        return (loss_sum + loss, jax.tree.map(jnp.add, parts_sum, parts), jax.tree.map(jnp.add, grad_sum, grads)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+      no_parts = {} if teacher is None else {"cross_entropy": jnp.zeros(()), "distill_kl": jnp.zeros(())}
+      (loss, parts, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), no_parts, zeros), micro)
       loss = loss / tc.grad_accum
+      parts = jax.tree.map(lambda v: v / tc.grad_accum, parts)
       grads = jax.tree.map(lambda g: g / tc.grad_accum, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     # param_norm lets the loop refuse to checkpoint parameters that went non-finite
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "param_norm": optax.tree.norm(new_params)}
+               "param_norm": optax.tree.norm(new_params), **parts}
     return new_state, metrics
 
   batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules=rules, strict=False)
-  jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding),
+  teacher_params = None if teacher is None else teacher[1]
+  teacher_shardings = None if teacher is None else jax.tree.map(lambda a: a.sharding, teacher_params)
+  jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding, teacher_shardings),
                    out_shardings=(shardings, None))
 
   def run(state, tokens):
     with sharding.use_mesh(mesh, rules):
-      return jitted(state, tokens)
+      return jitted(state, tokens, teacher_params)
 
   return run
 
@@ -327,6 +350,24 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def refuse_existing_run(output_dir: str) -> None:
+  """An imported or converted model goes into a new run directory, never over a run."""
+  ckpt_dir = os.path.join(output_dir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f"{ckpt_dir} already holds checkpoints; give a new --output_dir")
+
+
+def save_step0(output_dir: str, model: Transformer, train_config: TrainConfig = TrainConfig(), **meta) -> None:
+  """`model`'s parameters as step 0 of a new run directory (no optimizer state:
+  training from it starts one), `meta` recorded beside them: what `convert`,
+  the Hugging Face import and `convert_latent` write."""
+  refuse_existing_run(output_dir)
+  state = {"params": nnx.state(model, nnx.Param), "step": jnp.zeros((), jnp.int32)}
+  ckpt = Checkpoints(os.path.join(output_dir, "checkpoints"), async_save=False)
+  ckpt.save(0, state, {"iterator": None}, run_meta(model.config, RunOptions(), train_config, step=0, **meta))
+  ckpt.close()
 
 
 def error_summary(error: Exception, width: int = 160) -> str:

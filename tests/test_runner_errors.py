@@ -108,6 +108,14 @@ def workspace(tmp_path_factory):
   _authors_checkpoint(root / "ckpt_nan", nan=True)
   _authors_checkpoint(root / "ckpt_other_config", config={"n_layer": 3})
   _authors_checkpoint(root / "ckpt_broken_config", config_text='{"n_layer": 2,')
+  # Hugging Face folders whose config.json alone is refused (no weights are read)
+  deepseek = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 64,
+              "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+              "first_k_dense_replace": 1, "n_routed_experts": 8}
+  for name, cfg in (("hf_moe", deepseek), ("hf_gptneox", {"architectures": ["GPTNeoXForCausalLM"]})):
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(json.dumps(cfg))
   return root
 
 
@@ -192,6 +200,29 @@ def _cases(w):
       (["--mode=convert", f"--torch_checkpoint={w}/ckpt_nan", f"--output_dir={w}/trained", "--variant=mla"],
        "holds 3 NaN"),
       (["--mode=convert", f"--output_dir={w}/converted"], "needs --torch_checkpoint"),
+      # importing Hugging Face checkpoints
+      (["--mode=convert", f"--hf_checkpoint={w}/hf_moe", f"--output_dir={w}/converted"],
+       "this DeepSeek checkpoint has MoE layers (3 of 4, from first_k_dense_replace=1); MoE FFNs are not supported"),
+      (["--mode=convert", f"--hf_checkpoint={w}/hf_gptneox", f"--output_dir={w}/converted"],
+       "architecture 'GPTNeoXForCausalLM' is not supported"),
+      (["--mode=convert", f"--hf_checkpoint={w}/empty_dir", f"--output_dir={w}/converted"],
+       "holds no config.json"),
+      # turning a run into a latent model, distilling from one
+      (["--mode=convert_latent", f"--output_dir={w}/latent"], "needs --convert_from=RUN_DIR"),
+      (["--mode=convert_latent", f"--convert_from={w}/trained", f"--output_dir={w}/latent"],
+       "the source is a mlra4 model; convert_latent turns MHA, MQA or GQA models into latent ones"),
+      (["--mode=convert_latent", f"--convert_from={w}/trained", f"--output_dir={w}/latent", "--variant=gqa"],
+       "convert_latent converts into mla, gla2, gla4, mlra2, mlra4"),
+      (["--mode=convert_latent", f"--convert_from={w}/nowhere", f"--output_dir={w}/latent"],
+       "no finished checkpoint in"),
+      (["--mode=convert_report", f"--convert_from={w}/trained", f"--output_dir={w}/latent", "--report_ranks=a"],
+       "take integers"),
+      (resume + [f"--distill_from={w}/nowhere"], "no finished checkpoint in"),
+      (resume + [f"--distill_from={w}/trained"], "--distill_from names the run being trained"),
+      (train + [f"--distill_from={w}/trained"], "has 512 vocabulary rows and this model 300"),
+      (train + ["--distill_weight=1.5"], "distill_weight must be in [0, 1]"),
+      (["--mode=export", f"--output_dir={w}/trained"], "--mode=export needs --export_dir=DIR"),
+      (["--mode=export", f"--output_dir={w}/trained", f"--export_dir={w}/a_file"], "exists and is not an empty folder"),
   ]
 
 
