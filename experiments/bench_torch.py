@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags
 
-from experiments.torch_stand_ins import load_authors_module, require_torch_and_repo
+from experiments.torch_stand_ins import AUTHORS_FILE, load_authors_module, require_torch_and_repo
 
 flags.DEFINE_string("authors_repo", None, "Path to a checkout of github.com/SongtaoLiu0823/MLRA.")
 flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to compare (mha, mla, mlra4).")
@@ -35,8 +35,7 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps on each side.")
 flags.DEFINE_integer("steps", 10, "Timed steps on each side.")
 FLAGS = flags.FLAGS
 
-# our variant name -> the authors' model file
-AUTHORS_FILE = {"mha": "mha", "mla": "mla", "mlra4": "mlra_4", "mlra2": "mlra_2", "gla2": "gla_2"}
+BENCHED = ("mha", "mla", "mlra4", "mlra2", "gla2")       # the variants our_config builds
 CONFIG = dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, head_dim=64, intermediate_size=688,
               q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64)
 
@@ -124,9 +123,9 @@ def main(argv):
   # One process runs both sides, so both get the same allocator settings.
   reused = reuse_freed_memory()
   import torch
-  unknown = [v for v in FLAGS.variants if v not in AUTHORS_FILE]
+  unknown = [v for v in FLAGS.variants if v not in BENCHED]
   if unknown:
-    print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)
+    print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(BENCHED)}", file=sys.stderr)
     sys.exit(2)
   from mla_jax.model import count_params
 

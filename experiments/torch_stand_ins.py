@@ -14,6 +14,12 @@ import sys
 import types
 
 
+# our variant name -> the authors' model file (model/<file>.py); MQA is their GQA file
+# with one KV head (group_size = n_head)
+AUTHORS_FILE = {"mha": "mha", "mqa": "gqa", "gqa": "gqa", "mla": "mla", "gla2": "gla_2", "gla4": "gla_4",
+                "mlra2": "mlra_2", "mlra4": "mlra_4", "gta": "gta", "tpa": "tpa", "mfa": "mfa"}
+
+
 def install():
   """flash_attn_interface and transformers, as far as the authors' models use them."""
   import torch

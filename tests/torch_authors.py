@@ -2,7 +2,9 @@
 model is `numpy_authors`' forward (their layout and formulas) run on torch
 tensors for autograd, trained by torch's own AdamW, LambdaLR and gradient
 clipping, with nanoGPT's weight-decay rule (parameters of rank >= 2 decay; on
-their layout every norm weight is a vector). Nothing here imports mla_jax."""
+their layout every norm weight is a vector), which is ours. Their own train_*.py
+give every parameter to AdamW with weight_decay=0.1, norms included:
+experiments/authors_parity.py --decay=all runs that. Nothing here imports mla_jax."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,56 @@
+"""The parts of experiments/authors_parity.py that run without the authors' code:
+our config -> their GPTConfig keys (checked against the manifest written from
+their model definitions), their get_lr against our optax schedule, and the
+sweep lines it runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import authors_parity, options
+from experiments.torch_stand_ins import AUTHORS_FILE
+from mla_jax import convert
+from mla_jax import train as T
+
+MANIFEST = json.load(open(os.path.join(os.path.dirname(__file__), "data", "mlra_manifest.json")))
+
+
+@pytest.mark.parametrize("variant", sorted(AUTHORS_FILE))
+def test_their_config_keys_for_our_config(variant):
+  entry = MANIFEST[variant]
+  tensors = {name: np.zeros(shape, np.float32) for name, shape in entry["tensors"].items()}
+  config = convert.infer_config(variant, tensors, entry["config"])
+  assert authors_parity.authors_kwargs(config) == entry["config"]
+  assert entry["authors_file"] == f"model/{AUTHORS_FILE[variant]}.py"
+
+
+def test_their_learning_rate_is_our_schedule():
+  tc = T.TrainConfig(steps=60, warmup_steps=7, learning_rate=3e-3, min_lr_ratio=0.1)
+  ours = T.learning_rate_schedule(tc)
+  np.testing.assert_allclose([authors_parity.warmup_cosine(s, tc) for s in range(70)],
+                             [float(ours(s)) for s in range(70)], rtol=1e-6, atol=1e-12)
+
+
+def test_the_sweep_line_of_a_variant_is_what_it_runs():
+  got = authors_parity.sweep_flags(os.path.join(authors_parity.REPO, "experiments", "sweeps", "mlra_cpu.sweep"),
+                                   "mla")
+  config = options.build(options.parse(["prog"] + got)).model
+  assert config.attention.variant == "mla" and config.mlp_dim == 288 and config.attention.q_lora_rank == 64
+  with pytest.raises(ValueError, match="'nope' has no line in"):
+    authors_parity.sweep_flags(os.path.join(authors_parity.REPO, "experiments", "sweeps", "mlra_cpu.sweep"), "nope")
+
+
+def test_the_page_reads_the_logs(tmp_path):
+  """Per-step losses with known gaps: the page's columns say where the runs part."""
+  rows = ["step,lr,ours,theirs,ours_grad_norm,theirs_grad_norm"]
+  gaps = [0, 1e-7, 0, 5e-6, 1e-7, 2e-4, 1e-2]                       # step 4 passes 1e-6, step 6 1e-4
+  for step, gap in enumerate(gaps, 1):
+    rows.append(f"{step},0.001,{2.0 * (1 + gap)},2.0,{9.0 if step == 5 else 1.0},{3.0 if step == 2 else 1.0}")
+  (tmp_path / "mla_seed0.csv").write_text("\n".join(rows) + "\n")
+  (tmp_path / "mla_seed0.json").write_text(json.dumps(dict(
+      variant="mla", seed=0, decay="norms_excluded", steps=7, ours_val=2.5, theirs_val=2.6,
+      largest_relative_difference=1e-2, first_step_apart_1e4=6)))
+  text = authors_parity.page(str(tmp_path), str(tmp_path / "chart.png"))
+  assert "| mla | 0 | norms_excluded | 7 | 2.5000 | 2.6000 | 1.0e-02 | 3 | 6 | 9.0 (5) | 3.0 (2) |" in text
+  assert (tmp_path / "chart.png").stat().st_size > 0
