@@ -109,11 +109,14 @@ def run_variant(variant: str) -> dict:
   cfg = options.build(fv)
   config, tc = cfg.model, cfg.train
   torch.manual_seed(tc.seed)
-  module = load_authors_module(FLAGS.authors_repo, AUTHORS_FILE[variant])
+  scales = getattr(config.attention, "scales", True)
+  if not scales and variant not in ("mla", "gla2", "mlra2"):    # their scale ablation's own files
+    raise ValueError(f"the authors' code has no {variant} without variance scales (only mla, gla2, mlra2); "
+                     "drop --nolatent_scales")
+  module = load_authors_module(FLAGS.authors_repo, AUTHORS_FILE[variant] + ("" if scales else "_no_scale"))
   theirs = module.GPT(module.GPTConfig(**authors_kwargs(config)))
   tensors = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
-  ours = convert.to_model(variant, tensors, config_json=authors_kwargs(config),
-                          scales=getattr(config.attention, "scales", True))
+  ours = convert.to_model(variant, tensors, config_json=authors_kwargs(config), scales=scales)
   # the converted model must be the sweep's model, parameter for parameter
   from flax import nnx
   want = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(
@@ -261,6 +264,10 @@ def main(argv):
     print(text)
     return
   require_torch_and_repo(FLAGS.authors_repo)
+  if not os.path.isfile(FLAGS.sweep):
+    print(f"error: --sweep={FLAGS.sweep} does not exist; pass a sweep file such as "
+          "experiments/sweeps/mlra_cpu.sweep", file=sys.stderr)
+    sys.exit(2)
   unknown = [v for v in FLAGS.variants if v not in AUTHORS_FILE]
   if unknown:
     print(f"error: no authors' model for {unknown[0]!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)
@@ -272,7 +279,7 @@ def main(argv):
             f"{s['theirs_final']:.4f}; val ours {s['ours_val']:.4f} theirs {s['theirs_val']:.4f}; largest "
             f"per-step difference {s['largest_relative_difference']:.1e} (first apart by 1e-4 at step "
             f"{s['first_step_apart_1e4']}); {s['seconds']} s", flush=True)
-  except ValueError as e:
+  except (ValueError, flags.Error) as e:           # a bad value, or a --runner_flags flag the runner lacks
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

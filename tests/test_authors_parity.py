@@ -54,3 +54,17 @@ def test_the_page_reads_the_logs(tmp_path):
   text = authors_parity.page(str(tmp_path), str(tmp_path / "chart.png"))
   assert "| mla | 0 | norms_excluded | 7 | 2.5000 | 2.6000 | 1.0e-02 | 3 | 6 | 9.0 (5) | 3.0 (2) |" in text
   assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants=nope"], "error: no authors' model for 'nope'; choose from mha, mqa"),
+    (["--sweep=/nonexistent.sweep"], "error: --sweep=/nonexistent.sweep does not exist"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+  """Refused before any model, data or checkout is touched (the checkout path here does not exist)."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "experiments.authors_parity", f"--authors_repo={tmp_path}/none", *args],
+                       capture_output=True, text=True, timeout=120, cwd=authors_parity.REPO)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message), out.stderr
