@@ -5,7 +5,9 @@
 
 A sweep file lists one run per line: a name, a flagfile, and extra flags;
 `seeds=0,1,2` repeats a run per seed, `paper="..."` puts the paper's figure
-beside ours, `match=GROUP` asks that every run of GROUP have non-embedding
+beside ours, `table=NAME` puts the row in a table of its own on the page (each
+table is compared within itself: against its first row, and its loss ordering
+against the paper's by Kendall's tau), `match=GROUP` asks that every run of GROUP have non-embedding
 parameters within 2% of the group's first run (checked before any training).
 Runs go seed by seed (every configuration's seed 0 first), finished runs are
 skipped, a killed run resumes from its last checkpoint, so a sweep can span
@@ -68,6 +70,7 @@ class Run:
   group: str             # the table row: runs that differ only by seed
   paper: str = ""        # the paper's figure for this row, as text
   match: str = ""        # parameter-matching group
+  table: str = ""        # the page's table the row sits in ("" the first)
 
   def directory(self, sweep: str) -> str:
     return os.path.join(FLAGS.runs_dir, sweep, self.name, f"seed{self.seed}")
@@ -84,7 +87,7 @@ def parse(path: str) -> list[Run]:
       if len(parts) < 2:
         raise ValueError(f"{path}:{n}: write 'name flagfile [--flag=value ...] [seeds=0,1,2]'")
       name, flagfile, rest = parts[0], parts[1], parts[2:]
-      seeds, extra, paper, match = [0], [], "", ""
+      seeds, extra, paper, match, table = [0], [], "", "", ""
       for item in rest:
         if item.startswith("seeds="):
           try:
@@ -95,13 +98,15 @@ def parse(path: str) -> list[Run]:
           paper = item[len("paper="):]
         elif item.startswith("match="):
           match = item[len("match="):]
+        elif item.startswith("table="):
+          table = item[len("table="):]
         elif item.startswith("--"):
           extra.append(item)
         else:
-          raise ValueError(f"{path}:{n}: {item!r} is neither a --flag nor seeds=/paper=/match=")
+          raise ValueError(f"{path}:{n}: {item!r} is neither a --flag nor seeds=/paper=/match=/table=")
       if not os.path.exists(flagfile):
         raise ValueError(f"{path}:{n}: flagfile {flagfile!r} does not exist")
-      runs += [Run(name, flagfile, extra, s, name, paper, match) for s in seeds]
+      runs += [Run(name, flagfile, extra, s, name, paper, match, table) for s in seeds]
   names = [(r.name, r.seed) for r in runs]
   if len(set(names)) != len(names):
     raise ValueError(f"{path}: a run name appears twice")
@@ -269,14 +274,14 @@ def collect(runs: list[Run], sweep: str) -> dict[str, list[dict]]:
 
 
 def _ordering(rows, first) -> str:
-  """Our loss ranking beside the paper's (where every row has a paper number),
-  with Kendall's tau between them."""
+  """Our loss ranking beside the paper's, over the rows that have a paper figure
+  (at least 3), with Kendall's tau between them."""
   ours, paper = {}, {}
   for name, rs in rows:
     try:
       paper[name] = float(first[name].paper.split()[0])
     except (ValueError, IndexError):
-      return ""
+      continue
     ours[name] = statistics.mean(r["eval"]["loss"] for r in rs)
   if len(ours) < 3:
     return ""
@@ -286,12 +291,65 @@ def _ordering(rows, first) -> str:
   disagree = sum((ours[a] - ours[b]) * (paper[a] - paper[b]) < 0 for a, b in pairs)
   tau = (agree - disagree) / len(pairs)
   rank = lambda d: " < ".join(sorted(d, key=d.get))  # noqa: E731
+  left_out = [name for name, _ in rows if name not in ours]
   return (f"Ordering, best first. Ours (mean val loss): {rank(ours)}. Paper: {rank(paper)}. "
-          f"Kendall's tau between the two: {tau:+.2f} ({agree} of {len(pairs)} pairs agree).")
+          f"Kendall's tau between the two: {tau:+.2f} ({agree} of {len(pairs)} pairs agree)"
+          + (f"; rows without a paper figure left out: {', '.join(left_out)}." if left_out else "."))
 
 
 def _mean_sd(xs):
   return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+SPIKE_JUMP, SPIKE_WINDOW, QUIET_GRAD_NORM = 0.3, 10, 5.0
+
+
+def largest_rise(losses: list[float], window: int = SPIKE_WINDOW) -> float:
+  """The largest rise of a step's loss above the lowest of the `window` steps before it."""
+  return max((losses[i] - min(losses[max(0, i - window):i]) for i in range(1, len(losses))), default=0.0)
+
+
+def loss_spikes(losses: list[float], jump: float = SPIKE_JUMP, window: int = SPIKE_WINDOW) -> list[int]:
+  """1-based steps whose loss exceeds the lowest of the `window` steps before it by more than `jump`."""
+  return [i + 1 for i in range(1, len(losses)) if losses[i] - min(losses[max(0, i - window):i]) > jump]
+
+
+def _table(lines: list[str], rows, first, info, side_by_side) -> list:
+  """One table of the page (its first row the baseline), then its ordering against the paper's."""
+  base_loss = statistics.mean(r["eval"]["loss"] for r in rows[0][1])
+  base_cache = info[rows[0][0]]["cache_per_token"]
+  lines += ["| run | seeds | non-emb. params | val loss (mean ± sd) | vs first row | val ppl | spikes | "
+            "max grad norm | KV cache / token / layer | cache vs first row | decode step ms (batch x context) "
+            "| decode tok/s | distinct-2 | rep. 4-gram | paper |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  summary = []
+  for name, rs in rows:
+    losses = [r["eval"]["loss"] for r in rs]
+    loss_m, loss_s = _mean_sd(losses)
+    cache = info[name]["cache_per_token"]
+    if name in side_by_side:          # one process, interleaved: the figures to compare
+      step_ms, batch, context = (side_by_side[name][k] for k in ("step_ms", "batch", "context"))
+    else:                             # each run's own post-run timing, mean over seeds
+      steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
+      step_ms = statistics.mean(steps_ms) if steps_ms else None
+      batch, context = rs[0].get("decode_batch"), rs[0].get("decode_context")
+    step_cell = f"{step_ms:.2f} ({batch}x{context})" if step_ms else "-"
+    tps = f"{1e3 * batch / step_ms:,.0f}" if step_ms else "-"
+    d2 = statistics.mean(r["distinct_2"] for r in rs)
+    rep = statistics.mean(r["repetition_4gram"] for r in rs)
+    train = [[m for m in r["metrics"] if m["kind"] == "train"] for r in rs]
+    spikes = "/".join(str(len(loss_spikes([m["loss"] for m in t]))) for t in train)
+    grad = "/".join(f"{max(m['grad_norm'] for m in t):.1f}" for t in train)
+    summary.append((name, rs, loss_m, loss_s, cache))
+    lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {info[name]['params']['non_embedding']:,} "
+                 f"| {loss_m:.4f} ± {loss_s:.4f} | {100 * (loss_m / base_loss - 1):+.2f}% | {math.exp(loss_m):.3f} "
+                 f"| {spikes} | {grad} | {cache} | {100 * (cache / base_cache - 1):+.0f}% | {step_cell} | {tps} "
+                 f"| {d2:.3f} | {rep:.3f} | {first[name].paper or '-'} |")
+  ordering = _ordering(rows, first)
+  if ordering:
+    lines += ["", ordering]
+  lines.append("")
+  return summary
 
 
 def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, paper_notes: str = "") -> str:
@@ -315,35 +373,25 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
   if os.path.exists(bench_path):
     with open(bench_path) as f:
       side_by_side = json.load(f)
-  base = rows[0][1] if rows else None
-  base_loss = statistics.mean(r["eval"]["loss"] for r in base) if base else None
-  base_cache = info[rows[0][0]]["cache_per_token"] if rows else None
-  lines += ["| run | seeds | non-emb. params | val loss (mean ± sd) | vs first row | val ppl | "
-            "KV cache / token / layer | cache vs first row | decode step ms (batch x context) | decode tok/s "
-            "| distinct-2 | rep. 4-gram | paper |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  summary = []
+  tables: dict[str, list] = {}
   for name, rs in rows:
-    losses = [r["eval"]["loss"] for r in rs]
-    loss_m, loss_s = _mean_sd(losses)
-    cache = info[name]["cache_per_token"]
-    if name in side_by_side:          # one process, interleaved: the figures to compare
-      step_ms, batch, context = (side_by_side[name][k] for k in ("step_ms", "batch", "context"))
-    else:                             # each run's own post-run timing, mean over seeds
-      steps_ms = [r["decode_step_ms"] for r in rs if r.get("decode_step_ms")]
-      step_ms = statistics.mean(steps_ms) if steps_ms else None
-      batch, context = rs[0].get("decode_batch"), rs[0].get("decode_context")
-    step_cell = f"{step_ms:.2f} ({batch}x{context})" if step_ms else "-"
-    tps = f"{1e3 * batch / step_ms:,.0f}" if step_ms else "-"
-    d2 = statistics.mean(r["distinct_2"] for r in rs)
-    rep = statistics.mean(r["repetition_4gram"] for r in rs)
-    summary.append((name, rs, loss_m, loss_s, cache))
-    lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {info[name]['params']['non_embedding']:,} "
-                 f"| {loss_m:.4f} ± {loss_s:.4f} | {100 * (loss_m / base_loss - 1):+.2f}% | {math.exp(loss_m):.3f} "
-                 f"| {cache} | {100 * (cache / base_cache - 1):+.0f}% | {step_cell} | {tps} | {d2:.3f} | {rep:.3f} "
-                 f"| {first[name].paper or '-'} |")
+    tables.setdefault(first[name].table, []).append((name, rs))
+  quiet_jump = max([largest_rise([m["loss"] for m in r["metrics"] if m["kind"] == "train"])
+                    for _, rs in rows for r in rs
+                    if max(m["grad_norm"] for m in r["metrics"] if m["kind"] == "train") < QUIET_GRAD_NORM],
+                   default=float("nan"))
+  summary = []
+  for table, table_rows in tables.items():
+    if len(tables) > 1:
+      lines += [f"### {table or 'Main comparison'}", ""]
+    summary += _table(lines, table_rows, first, info, side_by_side)
   lines += ["", "Columns: validation loss after the last step (mean and sample standard deviation over seeds; "
-            "sd 0 with one seed); decode step ms: one jitted decode step of the whole model (absorbed path) "
+            "sd 0 with one seed); vs first row: against the first row of the same table; spikes: per seed, "
+            f"the training steps whose loss is more than {SPIKE_JUMP} nats above the lowest loss of the "
+            f"{SPIKE_WINDOW} steps before it (in the runs on this page whose gradient norm never passes "
+            f"{QUIET_GRAD_NORM}, the largest such rise is {quiet_jump:.2f} nats: hard batches lift every run "
+            "of a seed at the same steps); max grad norm: the largest gradient norm "
+            "before clipping, per seed; decode step ms: one jitted decode step of the whole model (absorbed path) "
             "over a full fp32 cache at random weights, "
             + (f"timed side by side in one process (`--bench_decode`: {next(iter(side_by_side.values()))['rounds']} "
                "interleaved rounds of 10 steps, median), on the machine the page was written on; "
@@ -354,9 +402,6 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
             "batch / step time; distinct-2 and rep. 4-gram: judge-free sample metrics over "
             f"{FLAGS.sample_prompts} sampled continuations of fixed prompts (unique bigrams over all samples, "
             "share of repeated 4-grams within a sample; the study's LLM judge cannot be reached here)."]
-  ordering = _ordering(rows, first)
-  if ordering:
-    lines += ["", ordering]
   missing = [n for n in names if n not in groups]
   partial = [f"{n} ({len(groups[n])} of {sum(r.name == n for r in runs)} seeds)" for n in names
              if n in groups and len(groups[n]) < sum(r.name == n for r in runs)]

@@ -27,13 +27,14 @@ def test_parse_orders_seed_major_and_reads_options(tmp_path):
   sweep = _write(tmp_path / "s.sweep", f"""# comment
 a {ff} --variant=mha seeds=0,1,2 paper="2.147 (+0%)"
 b {ff} --variant=mla match=g   # trailing comment
-c {ff} seeds=3,4
+c {ff} seeds=3,4 table="peak lr 1e-3"
 """)
   runs = S.parse(sweep)
   assert [(r.name, r.seed) for r in runs] == [("a", 0), ("b", 0), ("c", 3), ("a", 1), ("c", 4), ("a", 2)]
   a = runs[0]
   assert a.extra == ["--variant=mha"] and a.paper == "2.147 (+0%)" and a.match == ""
   assert runs[1].match == "g" and runs[1].extra == ["--variant=mla"]
+  assert [r.table for r in runs[:3]] == ["", "", "peak lr 1e-3"]
 
 
 @pytest.mark.parametrize("line,message", [
@@ -65,6 +66,49 @@ def test_sample_metrics_by_hand():
   assert m["distinct_2"] == pytest.approx(4 / 7)
   # 4-grams of the first: abab baba abab -> 2 distinct of 3 -> 1/3 repeated; the second has none
   assert m["repetition_4gram"] == pytest.approx(1 / 3)
+
+
+def test_loss_spikes_by_hand():
+  losses = [5.0, 4.0, 3.0, 3.25, 3.31, 2.9, 2.0] + [2.0] * 9 + [2.29, 2.31]
+  # step 5 (3.31) is 0.31 above step 3's 3.0; step 18 (2.31) is 0.31 above the lowest of steps 8-17
+  assert S.loss_spikes(losses) == [5, 18]
+  assert S.loss_spikes(losses, jump=0.32) == []
+  assert S.largest_rise(losses) == pytest.approx(0.31)
+  # the window: a rise over a low more than 10 steps back is not a spike
+  assert S.loss_spikes([1.0] + [1.2] * 10 + [1.35]) == []
+  assert S.loss_spikes([1.0] + [1.2] * 10 + [1.35], window=11) == [12]
+
+
+def _fake_rows(losses_by_name):
+  rows = []
+  for name, finals in losses_by_name.items():
+    rows.append((name, [{"seed": k, "eval": {"loss": v}, "distinct_2": 0.9, "repetition_4gram": 0.0,
+                         "decode_step_ms": 2.0, "decode_batch": 16, "decode_context": 64,
+                         "metrics": [{"kind": "train", "step": i + 1, "loss": x, "grad_norm": g}
+                                     for i, (x, g) in enumerate([(3.0, 1.0), (2.5, 7.5), (2.9, 0.5)])]}
+                        for k, v in enumerate(finals)]))
+  return rows
+
+
+def test_each_table_has_its_own_baseline_spikes_and_kendall_tau():
+  first = {n: S.Run(n, "f", [], 0, n, paper=p, table="t") for n, p in
+           [("a", "10"), ("b", "12"), ("c", ""), ("d", "11")]}
+  rows = _fake_rows({"a": [2.0, 2.2], "b": [2.3, 2.3], "c": [9.0], "d": [2.0, 2.0]})
+  info = {n: {"cache_per_token": 8, "params": {"non_embedding": 100}} for n in first}
+  lines = []
+  S._table(lines, rows, first, info, {})
+  text = "\n".join(lines)
+  # b against the table's first row a: 2.3 / 2.1 - 1
+  assert f"| {100 * (2.3 / 2.1 - 1):+.2f}% |" in text
+  # per seed: one spike (2.9 after 2.5) and the largest gradient norm
+  assert "| 1/1 | 7.5/7.5 |" in text
+  # tau over the rows with a paper figure (c left out): ours a(2.1) < d(2.0)? no: d < a < b;
+  # paper a(10) < d(11) < b(12): pairs (a,b) agree, (a,d) disagree, (b,d) agree -> (2 - 1) / 3
+  assert "Kendall's tau between the two: +0.33 (2 of 3 pairs agree); rows without a paper figure left out: c." in text
+  # fewer than 3 rows with a paper figure: no ordering line
+  lines = []
+  S._table(lines, rows[:3], first, info, {})
+  assert "Kendall" not in "\n".join(lines)
 
 
 def test_committed_sweeps_build_and_the_mlra_comparison_is_parameter_matched():
