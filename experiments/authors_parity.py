@@ -93,15 +93,36 @@ def warmup_cosine(step: int, tc) -> float:
   return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.learning_rate - floor)
 
 
-def run_variant(variant: str) -> dict:
+def our_training(cfg, model):
+  """The runner's batches, validation set, train and eval steps for `model` (our
+  model with given weights): (batches, val, mesh, state, step_fn, eval_fn)."""
   import jax
+
+  from experiments import trainer
+  from mla_jax import sharding
+  from mla_jax import train as T
+  from mla_jax.data import pipeline
+  tc = cfg.train
+  data = trainer.prepare_data(cfg.data)
+  batches = pipeline.PackedBatches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
+                                   batch_size=tc.batch_size, seed=tc.seed)
+  val = pipeline.fixed_batches(data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
+                               batch_size=cfg.loop.eval_batch_size, num_batches=cfg.loop.eval_batches)
+  mesh = sharding.make_mesh("", cfg.model)
+  graphdef, params = T.split_model(model)
+  state = T.init_state(params, T.make_optimizer(tc))
+  shardings = T.state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  return (batches, val, mesh, state, T.make_train_step(graphdef, tc, shardings, mesh),
+          T.make_eval_step(graphdef, mesh))
+
+
+def run_variant(variant: str) -> dict:
   import numpy as np
   import torch
 
   from experiments import trainer
-  from mla_jax import convert, sharding
-  from mla_jax import train as T
-  from mla_jax.data import pipeline
+  from mla_jax import convert
   from mla_jax.model import Transformer
 
   fv = options.parse([sys.argv[0]] + sweep_flags(FLAGS.sweep, variant) + [f"--seed={FLAGS.seed}"]
@@ -126,19 +147,7 @@ def run_variant(variant: str) -> dict:
     raise ValueError(f"{variant}: their model at {authors_kwargs(config)} is not the sweep's model "
                      f"({sorted(set(want.items()) ^ set(got.items()), key=str)[:3]})")
 
-  data = trainer.prepare_data(cfg.data)
-  batches = pipeline.PackedBatches(data.sources["train"], data.tokenizer, seq_len=tc.seq_len,
-                                   batch_size=tc.batch_size, seed=tc.seed)
-  val = pipeline.fixed_batches(data.sources["validation"], data.tokenizer, seq_len=tc.seq_len,
-                               batch_size=cfg.loop.eval_batch_size, num_batches=cfg.loop.eval_batches)
-
-  mesh = sharding.make_mesh("", config)
-  graphdef, params = T.split_model(ours)
-  state = T.init_state(params, T.make_optimizer(tc))
-  shardings = T.state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
-  step_fn = T.make_train_step(graphdef, tc, shardings, mesh)
-  eval_fn = T.make_eval_step(graphdef, mesh)
+  batches, val, mesh, state, step_fn, eval_fn = our_training(cfg, ours)
 
   named = dict(theirs.named_parameters())        # the tied embedding once
   decays = (lambda n, p: True) if FLAGS.decay == "all" else (lambda n, p: p.ndim >= 2)

@@ -68,3 +68,40 @@ def test_bad_input_is_one_line(tmp_path, args, message):
                        capture_output=True, text=True, timeout=120, cwd=authors_parity.REPO)
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message), out.stderr
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla", "mlra4", "tpa", "mfa"])
+def test_init_offset_mixes_exactly_the_groups_named(variant):
+  """experiments.init_offset: a converted model (random tensors of the authors' layout)
+  mixed into ours replaces the named groups' tensors, and only those."""
+  from flax import nnx
+
+  from experiments import init_offset
+  from mla_jax.model import Transformer
+  entry = MANIFEST[variant]
+  rng = np.random.default_rng(0)
+  tensors = {name: rng.normal(size=shape).astype(np.float32) for name, shape in entry["tensors"].items()}
+  if "lm_head.weight" in tensors:           # their model ties it to the embedding
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
+  drawn = convert.to_model(variant, tensors, config_json=entry["config"])
+  theirs = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(drawn, nnx.Param))}
+  ours = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(
+      Transformer(drawn.config, rngs=nnx.Rngs(0)), nnx.Param))}
+  assert {init_offset.group_of(p) for p in ours} == {"embed", "attention", "mlp", "norm"}
+  for combo in ("embed", "attention+mlp", "all"):
+    groups = init_offset.combo_groups(combo)
+    mixed = init_offset.mix(Transformer(drawn.config, rngs=nnx.Rngs(0)), drawn, groups)
+    for p, v in nnx.to_flat_state(nnx.state(mixed, nnx.Param)):
+      want = theirs[p] if init_offset.group_of(p) in groups else ours[p]
+      np.testing.assert_array_equal(np.asarray(v.get_value()), want, err_msg=f"{combo}: {p}")
+  with pytest.raises(ValueError, match="names \\['norms'\\]"):
+    init_offset.combo_groups("embed+norms")
+
+
+def test_init_offset_welch_t_by_hand():
+  from experiments import init_offset
+  a, b = [2.40, 2.35, 2.44, 2.38], [2.60, 2.62, 2.57]
+  va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+  t, p = init_offset.welch(a, b)
+  assert t == pytest.approx((np.mean(a) - np.mean(b)) / np.sqrt(va + vb))
+  assert 0 < p < 1e-3

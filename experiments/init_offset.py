@@ -1,0 +1,199 @@
+"""Why does our trainer end ~0.2 nats higher from the MLRA authors' torch-drawn
+initial weights than from our JAX-drawn ones, when both are N(0, 0.02) with the
+same zero and one tensors? Trains our model only (the runner's recipe, data and
+evaluation, as `authors_parity` does) from a mixed init: the parameter groups in
+a combination come from the authors' draw (`torch.manual_seed(seed)`, their
+model, converted), the rest from ours (`nnx.Rngs(seed)`). Bisection: one group
+at a time. Noise test: `none` against `all` over many seeds, with Welch's t.
+
+    .venv/bin/python -m experiments.init_offset --authors_repo=/path/to/MLRA \\
+        --combos=none,all,embed,attention,mlp --seeds=0
+    .venv/bin/python -m experiments.init_offset --page     # results/init_offset.md from the logs
+
+Groups: `embed` (the tied embedding), `attention` (every attention weight),
+`mlp` (every MLP weight); norms are ones on both sides. One JSON per run in
+`--logs` (per-step training loss and gradient norm, validation loss at every
+`--eval_every` of the recipe); finished runs are skipped, so it resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import authors_parity, options
+from experiments.torch_stand_ins import AUTHORS_FILE, load_authors_module, require_torch_and_repo
+
+REPO = authors_parity.REPO
+LOGS = os.path.join(REPO, "results", "init_offset_logs")
+GROUPS = ("embed", "attention", "mlp")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("authors_repo", None, "A checkout of github.com/SongtaoLiu0823/MLRA.")
+  flags.DEFINE_string("variant", "mha", "The variant (its line of --sweep).")
+  flags.DEFINE_string("sweep", os.path.join(REPO, "experiments", "sweeps", "mlra_cpu.sweep"), "The sweep file.")
+  flags.DEFINE_list("combos", ["none", "all"], "Init combinations: none, all, or groups joined by '+' "
+                    f"({', '.join(GROUPS)}) taken from the authors' draw.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds (each seeds both draws and the data order).")
+  flags.DEFINE_string("logs", LOGS, "Where the per-run JSONs go.")
+  flags.DEFINE_bool("page", False, "Build results/init_offset.md from --logs instead of training.")
+
+
+def group_of(path: tuple) -> str:
+  """The init group of one of our parameter paths."""
+  if path[0] == "embed":
+    return "embed"
+  if any("norm" in str(part) for part in path):
+    return "norm"
+  for part in path:
+    if part in ("attn", "attention"):
+      return "attention"
+    if part == "mlp":
+      return "mlp"
+  raise ValueError(f"no init group for parameter {'/'.join(map(str, path))}")
+
+
+def combo_groups(combo: str) -> set[str]:
+  if combo == "none":
+    return set()
+  if combo == "all":
+    return set(GROUPS)
+  groups = set(combo.split("+"))
+  if not groups <= set(GROUPS):
+    raise ValueError(f"--combos: {combo!r} names {sorted(groups - set(GROUPS))}; use none, all or "
+                     f"groups of {', '.join(GROUPS)} joined by '+'")
+  return groups
+
+
+def mix(model, drawn, from_torch: set[str]):
+  """`model` with the parameters of the groups in `from_torch` replaced by `drawn`'s
+  (another model of the same config: the authors' weights converted)."""
+  from flax import nnx
+  other = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(drawn, nnx.Param))}
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  for path, v in flat:
+    if group_of(path) in from_torch:
+      if other[path].shape != v.get_value().shape:
+        raise ValueError(f"{'/'.join(map(str, path))}: the authors' draw has shape {other[path].shape}, ours "
+                         f"{v.get_value().shape}")
+      v.set_value(other[path])
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def mixed_params(config, variant: str, seed: int, from_torch: set[str]):
+  """Our model: the groups in `from_torch` from the authors' draw, the rest from ours."""
+  import torch
+  from flax import nnx
+
+  from mla_jax import convert
+  from mla_jax.model import Transformer
+  ours = Transformer(config, rngs=nnx.Rngs(seed))
+  if not from_torch:
+    return ours
+  torch.manual_seed(seed)
+  module = load_authors_module(FLAGS.authors_repo, AUTHORS_FILE[variant])
+  theirs = module.GPT(module.GPTConfig(**authors_parity.authors_kwargs(config)))
+  tensors = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
+  return mix(ours, convert.to_model(variant, tensors, config_json=authors_parity.authors_kwargs(config)), from_torch)
+
+
+def run_one(variant: str, combo: str, seed: int) -> dict:
+  from experiments import trainer
+
+  fv = options.parse([sys.argv[0]] + authors_parity.sweep_flags(FLAGS.sweep, variant)
+                     + [f"--seed={seed}", "--noprogress"])
+  cfg = options.build(fv)
+  config, tc = cfg.model, cfg.train
+  model = mixed_params(config, variant, seed, combo_groups(combo))
+  batches, val, mesh, state, step_fn, eval_fn = authors_parity.our_training(cfg, model)
+  train, evals, t0 = [], [], time.time()
+  for step in range(1, tc.steps + 1):
+    state, m = step_fn(state, trainer.global_batch(next(batches)["tokens"], mesh))
+    train.append((float(m["loss"]), float(m["grad_norm"])))
+    if step % cfg.loop.eval_every == 0 or step == tc.steps:
+      evals.append((step, trainer.evaluate(eval_fn, state["params"], val, mesh)["loss"]))
+  return dict(variant=variant, combo=combo, seed=seed, steps=tc.steps, val=evals[-1][1], evals=evals,
+              train_loss=[x for x, _ in train], grad_norm=[g for _, g in train], seconds=round(time.time() - t0))
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+  """Welch's t and its two-sided p-value."""
+  from scipy import stats
+  r = stats.ttest_ind(a, b, equal_var=False)
+  return float(r.statistic), float(r.pvalue)
+
+
+def page(log_dir: str) -> str:
+  runs = []
+  for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+    if name.endswith(".json"):
+      with open(os.path.join(log_dir, name)) as f:
+        runs.append(json.load(f))
+  by = {}
+  for r in runs:
+    by.setdefault((r["variant"], r["combo"]), []).append(r)
+  lines = ["# Init-draw offset: our trainer from the authors' torch draw and from our JAX draw", "",
+           "Written by `python -m experiments.init_offset --page` from `results/init_offset_logs/` (one JSON per "
+           "run, written by `python -m experiments.init_offset --authors_repo=PATH --combos=... --seeds=...`). "
+           "Our model and recipe only (the MLRA sweep's line for the variant, 300 steps); the groups named take "
+           "the authors' draw (`torch.manual_seed(seed)`, their model, converted), the rest ours "
+           "(`nnx.Rngs(seed)`). Seed k also sets the data order, so seed k of every row sees the same batches.", "",
+           "| variant | from the authors' draw | seeds | final val loss (mean ± sd) | per seed |", "|---|---|---|---|---|"]
+  for (variant, combo), rs in sorted(by.items()):
+    rs = sorted(rs, key=lambda r: r["seed"])
+    vals = [r["val"] for r in rs]
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    lines.append(f"| {variant} | {combo} | {','.join(str(r['seed']) for r in rs)} | "
+                 f"{statistics.mean(vals):.4f} ± {sd:.4f} | {', '.join(f'{v:.3f}' for v in vals)} |")
+  for variant in sorted({v for v, _ in by}):
+    a = [r["val"] for r in by.get((variant, "none"), [])]
+    b = [r["val"] for r in by.get((variant, "all"), [])]
+    if len(a) >= 2 and len(b) >= 2:
+      t, p = welch(a, b)
+      lines += ["", f"{variant}, JAX draw ({len(a)} seeds) against the authors' draw ({len(b)} seeds): "
+                f"difference {statistics.mean(b) - statistics.mean(a):+.4f}, Welch's t {t:.2f}, p = {p:.2g}."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  if FLAGS.page:
+    text = page(FLAGS.logs)
+    with open(os.path.join(REPO, "results", "init_offset.md"), "w") as f:
+      f.write(text)
+    print(text)
+    return
+  require_torch_and_repo(FLAGS.authors_repo)
+  try:
+    combos = [(c, combo_groups(c)) for c in FLAGS.combos]
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError as e:
+    print(f"error: {e}" if "combos" in str(e) else f"error: --seeds takes integers ({e})", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.variant not in AUTHORS_FILE:
+    print(f"error: no authors' model for {FLAGS.variant!r}; choose from {', '.join(AUTHORS_FILE)}", file=sys.stderr)
+    sys.exit(2)
+  os.makedirs(FLAGS.logs, exist_ok=True)
+  for seed in seeds:
+    for combo, _ in combos:
+      path = os.path.join(FLAGS.logs, f"{FLAGS.variant}_{combo}_seed{seed}.json")
+      if os.path.exists(path):
+        continue
+      r = run_one(FLAGS.variant, combo, seed)
+      with open(path + ".tmp", "w") as f:
+        json.dump(r, f)
+      os.replace(path + ".tmp", path)
+      print(f"{FLAGS.variant} seed {seed}, {combo} from the authors' draw: val {r['val']:.4f} "
+            f"({r['seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
