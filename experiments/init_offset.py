@@ -159,6 +159,15 @@ def page(log_dir: str) -> str:
       t, p = welch(a, b)
       lines += ["", f"{variant}, JAX draw ({len(a)} seeds) against the authors' draw ({len(b)} seeds): "
                 f"difference {statistics.mean(b) - statistics.mean(a):+.4f}, Welch's t {t:.2f}, p = {p:.2g}."]
+      paired = sorted({r["seed"] for r in by[(variant, "none")]} & {r["seed"] for r in by[(variant, "all")]})
+      if len(paired) >= 2:
+        from scipy import stats
+        val = {(r["combo"], r["seed"]): r["val"] for r in runs if r["variant"] == variant}
+        d = [val[("all", k)] - val[("none", k)] for k in paired]
+        lines += ["", f"Paired by seed (the same batches): authors' draw minus ours per seed "
+                  f"{', '.join(f'{x:+.3f}' for x in d)}; paired t-test p = "
+                  f"{float(stats.ttest_rel([val[('all', k)] for k in paired], [val[('none', k)] for k in paired]).pvalue):.2g}. "
+                  "The question is settled at 8 seeds per side or more; fewer is where a sweep stopped."]
   return "\n".join(lines) + "\n"
 
 
