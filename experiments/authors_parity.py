@@ -65,6 +65,24 @@ def sweep_flags(sweep: str, variant: str) -> list[str]:
   raise ValueError(f"{variant!r} has no line in {sweep}")
 
 
+def sweep_config(sweep: str, variant: str, seed: int, extra: list[str] = ()):
+  """The runner's full config for the variant's sweep line at `seed` (plus `extra` runner flags)."""
+  return options.build(options.parse([sys.argv[0]] + sweep_flags(sweep, variant) + [f"--seed={seed}", *extra]))
+
+
+def authors_draw(repo: str, variant: str, config, seed: int, scales: bool = True):
+  """The authors' model as their code draws it (`torch.manual_seed(seed)`), and
+  the same weights converted into ours: (theirs, ours)."""
+  import torch
+
+  from mla_jax import convert
+  torch.manual_seed(seed)
+  module = load_authors_module(repo, AUTHORS_FILE[variant] + ("" if scales else "_no_scale"))
+  theirs = module.GPT(module.GPTConfig(**authors_kwargs(config)))
+  tensors = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
+  return theirs, convert.to_model(variant, tensors, config_json=authors_kwargs(config), scales=scales)
+
+
 def authors_kwargs(config) -> dict:
   """Their GPTConfig for our config (their keys as in their config/train_*.py)."""
   a = config.attention
@@ -122,22 +140,15 @@ def run_variant(variant: str) -> dict:
   import torch
 
   from experiments import trainer
-  from mla_jax import convert
   from mla_jax.model import Transformer
 
-  fv = options.parse([sys.argv[0]] + sweep_flags(FLAGS.sweep, variant) + [f"--seed={FLAGS.seed}"]
-                     + shlex.split(FLAGS.runner_flags))
-  cfg = options.build(fv)
+  cfg = sweep_config(FLAGS.sweep, variant, FLAGS.seed, shlex.split(FLAGS.runner_flags))
   config, tc = cfg.model, cfg.train
-  torch.manual_seed(tc.seed)
   scales = getattr(config.attention, "scales", True)
   if not scales and variant not in ("mla", "gla2", "mlra2"):    # their scale ablation's own files
     raise ValueError(f"the authors' code has no {variant} without variance scales (only mla, gla2, mlra2); "
                      "drop --nolatent_scales")
-  module = load_authors_module(FLAGS.authors_repo, AUTHORS_FILE[variant] + ("" if scales else "_no_scale"))
-  theirs = module.GPT(module.GPTConfig(**authors_kwargs(config)))
-  tensors = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
-  ours = convert.to_model(variant, tensors, config_json=authors_kwargs(config), scales=scales)
+  theirs, ours = authors_draw(FLAGS.authors_repo, variant, config, tc.seed, scales)
   # the converted model must be the sweep's model, parameter for parameter
   from flax import nnx
   want = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(

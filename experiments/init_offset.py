@@ -25,8 +25,8 @@ import time
 
 from absl import app, flags
 
-from experiments import authors_parity, options
-from experiments.torch_stand_ins import AUTHORS_FILE, load_authors_module, require_torch_and_repo
+from experiments import authors_parity
+from experiments.torch_stand_ins import AUTHORS_FILE, require_torch_and_repo
 
 REPO = authors_parity.REPO
 LOGS = os.path.join(REPO, "results", "init_offset_logs")
@@ -89,27 +89,20 @@ def mix(model, drawn, from_torch: set[str]):
 
 def mixed_params(config, variant: str, seed: int, from_torch: set[str]):
   """Our model: the groups in `from_torch` from the authors' draw, the rest from ours."""
-  import torch
   from flax import nnx
 
-  from mla_jax import convert
   from mla_jax.model import Transformer
   ours = Transformer(config, rngs=nnx.Rngs(seed))
   if not from_torch:
     return ours
-  torch.manual_seed(seed)
-  module = load_authors_module(FLAGS.authors_repo, AUTHORS_FILE[variant])
-  theirs = module.GPT(module.GPTConfig(**authors_parity.authors_kwargs(config)))
-  tensors = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
-  return mix(ours, convert.to_model(variant, tensors, config_json=authors_parity.authors_kwargs(config)), from_torch)
+  _, theirs = authors_parity.authors_draw(FLAGS.authors_repo, variant, config, seed)
+  return mix(ours, theirs, from_torch)
 
 
 def run_one(variant: str, combo: str, seed: int) -> dict:
   from experiments import trainer
 
-  fv = options.parse([sys.argv[0]] + authors_parity.sweep_flags(FLAGS.sweep, variant)
-                     + [f"--seed={seed}", "--noprogress"])
-  cfg = options.build(fv)
+  cfg = authors_parity.sweep_config(FLAGS.sweep, variant, seed, ["--noprogress"])
   config, tc = cfg.model, cfg.train
   model = mixed_params(config, variant, seed, combo_groups(combo))
   batches, val, mesh, state, step_fn, eval_fn = authors_parity.our_training(cfg, model)
