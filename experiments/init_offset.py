@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags
 
-from experiments import authors_parity
+from experiments import authors_parity, cli
 from experiments.torch_stand_ins import AUTHORS_FILE, require_torch_and_repo
 
 REPO = authors_parity.REPO
@@ -41,6 +41,9 @@ def define_flags() -> None:
   flags.DEFINE_list("combos", ["none", "all"], "Init combinations: none, all, or groups joined by '+' "
                     f"({', '.join(GROUPS)}) taken from the authors' draw.")
   flags.DEFINE_list("seeds", ["0"], "Seeds (each seeds both draws and the data order).")
+  flags.DEFINE_integer("draw_seed_offset", 0, "Draw the initial weights from seed + this (the data order stays "
+                       "seed's): with --combos=none, a fresh JAX draw on the same batches, the control for how "
+                       "far any redraw moves the result.")
   flags.DEFINE_string("logs", LOGS, "Where the per-run JSONs go.")
   flags.DEFINE_bool("page", False, "Build results/init_offset.md from --logs instead of training.")
 
@@ -99,12 +102,16 @@ def mixed_params(config, variant: str, seed: int, from_torch: set[str]):
   return mix(ours, theirs, from_torch)
 
 
-def run_one(variant: str, combo: str, seed: int) -> dict:
+def log_name(variant: str, combo: str, seed: int, draw_offset: int) -> str:
+  return f"{variant}_{combo}{f'_draw+{draw_offset}' if draw_offset else ''}_seed{seed}.json"
+
+
+def run_one(variant: str, combo: str, seed: int, draw_offset: int = 0) -> dict:
   from experiments import trainer
 
   cfg = authors_parity.sweep_config(FLAGS.sweep, variant, seed, ["--noprogress"])
   config, tc = cfg.model, cfg.train
-  model = mixed_params(config, variant, seed, combo_groups(combo))
+  model = mixed_params(config, variant, seed + draw_offset, combo_groups(combo))
   batches, val, mesh, state, step_fn, eval_fn = authors_parity.our_training(cfg, model)
   train, evals, t0 = [], [], time.time()
   for step in range(1, tc.steps + 1):
@@ -112,7 +119,7 @@ def run_one(variant: str, combo: str, seed: int) -> dict:
     train.append((float(m["loss"]), float(m["grad_norm"])))
     if step % cfg.loop.eval_every == 0 or step == tc.steps:
       evals.append((step, trainer.evaluate(eval_fn, state["params"], val, mesh)["loss"]))
-  return dict(variant=variant, combo=combo, seed=seed, steps=tc.steps, val=evals[-1][1], evals=evals,
+  return dict(variant=variant, combo=combo, seed=seed, draw_offset=draw_offset, steps=tc.steps, val=evals[-1][1], evals=evals,
               train_loss=[x for x, _ in train], grad_norm=[g for _, g in train], seconds=round(time.time() - t0))
 
 
@@ -123,44 +130,64 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
   return float(r.statistic), float(r.pvalue)
 
 
+def _paired(val: dict, a: tuple, b: tuple) -> list[tuple[int, float]]:
+  """(seed, b - a) for the seeds both rows ran."""
+  return [(k, val[b][k] - val[a][k]) for k in sorted(set(val.get(a, {})) & set(val.get(b, {})))]
+
+
 def page(log_dir: str) -> str:
+  from scipy import stats
   runs = []
   for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
     if name.endswith(".json"):
       with open(os.path.join(log_dir, name)) as f:
         runs.append(json.load(f))
-  by = {}
+  val = {}                                   # (variant, combo, draw offset) -> {seed: final val loss}
   for r in runs:
-    by.setdefault((r["variant"], r["combo"]), []).append(r)
+    val.setdefault((r["variant"], r["combo"], r.get("draw_offset", 0)), {})[r["seed"]] = r["val"]
   lines = ["# Init-draw offset: our trainer from the authors' torch draw and from our JAX draw", "",
            "Written by `python -m experiments.init_offset --page` from `results/init_offset_logs/` (one JSON per "
            "run, written by `python -m experiments.init_offset --authors_repo=PATH --combos=... --seeds=...`). "
            "Our model and recipe only (the MLRA sweep's line for the variant, 300 steps); the groups named take "
            "the authors' draw (`torch.manual_seed(seed)`, their model, converted), the rest ours "
-           "(`nnx.Rngs(seed)`). Seed k also sets the data order, so seed k of every row sees the same batches.", "",
-           "| variant | from the authors' draw | seeds | final val loss (mean ± sd) | per seed |", "|---|---|---|---|---|"]
-  for (variant, combo), rs in sorted(by.items()):
-    rs = sorted(rs, key=lambda r: r["seed"])
-    vals = [r["val"] for r in rs]
+           "(`nnx.Rngs(seed)`). Seed k also sets the data order, so seed k of every row sees the same batches; "
+           "`--draw_seed_offset=N` draws the weights from seed k+N instead (same batches, another draw).", "",
+           "| variant | from the authors' draw | draws seeded | seeds | final val loss (mean ± sd) | per seed |",
+           "|---|---|---|---|---|---|"]
+  for (variant, combo, off), by_seed in sorted(val.items()):
+    vals = [by_seed[k] for k in sorted(by_seed)]
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    lines.append(f"| {variant} | {combo} | {','.join(str(r['seed']) for r in rs)} | "
+    lines.append(f"| {variant} | {combo} | {f'k+{off}' if off else 'k'} | {','.join(map(str, sorted(by_seed)))} | "
                  f"{statistics.mean(vals):.4f} ± {sd:.4f} | {', '.join(f'{v:.3f}' for v in vals)} |")
-  for variant in sorted({v for v, _ in by}):
-    a = [r["val"] for r in by.get((variant, "none"), [])]
-    b = [r["val"] for r in by.get((variant, "all"), [])]
-    if len(a) >= 2 and len(b) >= 2:
-      t, p = welch(a, b)
-      lines += ["", f"{variant}, JAX draw ({len(a)} seeds) against the authors' draw ({len(b)} seeds): "
-                f"difference {statistics.mean(b) - statistics.mean(a):+.4f}, Welch's t {t:.2f}, p = {p:.2g}."]
-      paired = sorted({r["seed"] for r in by[(variant, "none")]} & {r["seed"] for r in by[(variant, "all")]})
-      if len(paired) >= 2:
-        from scipy import stats
-        val = {(r["combo"], r["seed"]): r["val"] for r in runs if r["variant"] == variant}
-        d = [val[("all", k)] - val[("none", k)] for k in paired]
-        lines += ["", f"Paired by seed (the same batches): authors' draw minus ours per seed "
-                  f"{', '.join(f'{x:+.3f}' for x in d)}; paired t-test p = "
-                  f"{float(stats.ttest_rel([val[('all', k)] for k in paired], [val[('none', k)] for k in paired]).pvalue):.2g}. "
-                  "The question is settled at 8 seeds per side or more; fewer is where a sweep stopped."]
+  for variant in sorted({v for v, _, _ in val}):
+    ours, theirs = (variant, "none", 0), (variant, "all", 0)
+    a, b = list(val.get(ours, {}).values()), list(val.get(theirs, {}).values())
+    if len(a) < 2 or len(b) < 2:
+      continue
+    t, p = welch(a, b)
+    enough = min(len(a), len(b)) >= 8
+    lines += ["", f"**{variant}**, JAX draw ({len(a)} seeds) against the authors' draw ({len(b)} seeds): "
+              f"difference {statistics.mean(b) - statistics.mean(a):+.4f}, Welch's t {t:.2f}, p = {p:.2g}. "
+              + (("At 8 or more seeds a side, the authors' draw trains "
+                  + ("worse than ours beyond seed noise." if p < 0.05 and t < 0 else
+                     "better than ours beyond seed noise." if p < 0.05 else
+                     "no differently from ours within seed noise (p >= 0.05)."))
+                 if enough else "Fewer than 8 seeds a side: not settled.")]
+    d = _paired(val, ours, theirs)
+    if len(d) >= 2:
+      p_rel = float(stats.ttest_rel([val[theirs][k] for k, _ in d], [val[ours][k] for k, _ in d]).pvalue)
+      x = [v for _, v in d]
+      lines += ["", f"Paired by seed (the same batches), authors' draw minus ours: "
+                f"{', '.join(f'{v:+.3f}' for v in x)} (mean {statistics.mean(x):+.3f} ± {statistics.stdev(x):.3f}); "
+                f"paired t-test p = {p_rel:.2g}."]
+    for _, _, off in sorted(k for k in val if k[:2] == (variant, "none") and k[2]):
+      redraw = _paired(val, ours, (variant, "none", off))
+      if len(redraw) >= 2:
+        lines += ["", f"Control, another JAX draw on the same batches (draws seeded k+{off}) minus ours: "
+                  + ", ".join(f"seed {k} {x:+.3f}" for k, x in redraw)
+                  + f" (mean |difference| {statistics.mean(abs(x) for _, x in redraw):.3f}), what any redraw does; "
+                  "the authors' draw on the same seeds: "
+                  + ", ".join(f"{val[theirs][k] - val[ours][k]:+.3f}" for k, _ in redraw if k in val[theirs]) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -185,17 +212,18 @@ def main(argv):
   os.makedirs(FLAGS.logs, exist_ok=True)
   for seed in seeds:
     for combo, _ in combos:
-      path = os.path.join(FLAGS.logs, f"{FLAGS.variant}_{combo}_seed{seed}.json")
+      path = os.path.join(FLAGS.logs, log_name(FLAGS.variant, combo, seed, FLAGS.draw_seed_offset))
       if os.path.exists(path):
         continue
-      r = run_one(FLAGS.variant, combo, seed)
+      r = run_one(FLAGS.variant, combo, seed, FLAGS.draw_seed_offset)
       with open(path + ".tmp", "w") as f:
         json.dump(r, f)
       os.replace(path + ".tmp", path)
-      print(f"{FLAGS.variant} seed {seed}, {combo} from the authors' draw: val {r['val']:.4f} "
+      print(f"{FLAGS.variant} seed {seed} (draw seed {seed + FLAGS.draw_seed_offset}), {combo} from the authors' "
+            f"draw: val {r['val']:.4f} "
             f"({r['seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
