@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 from experiments.torch_stand_ins import load_authors_module, require_torch_and_repo
 
 # our variant name -> (their model file, their config keys)
@@ -124,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

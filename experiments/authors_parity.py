@@ -31,7 +31,7 @@ import time
 
 from absl import app, flags
 
-from experiments import options
+from experiments import cli, options
 from experiments.torch_stand_ins import AUTHORS_FILE, load_authors_module, require_torch_and_repo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,4 +306,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

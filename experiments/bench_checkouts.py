@@ -28,6 +28,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 flags.DEFINE_string("old", None, "A checkout of the commit to compare against.")
 flags.DEFINE_string("new", ".", "The checkout under test.")
 flags.DEFINE_list("variants", ["mha", "mla", "mlra4"], "Variants to time.")
@@ -94,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

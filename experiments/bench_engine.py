@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from experiments import cli
 from flax import nnx
 
 from mla_jax import ModelConfig, RunOptions, Transformer, attention_config
@@ -223,4 +225,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

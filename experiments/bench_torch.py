@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 from experiments.torch_stand_ins import AUTHORS_FILE, load_authors_module, require_torch_and_repo
 
 flags.DEFINE_string("authors_repo", None, "Path to a checkout of github.com/SongtaoLiu0823/MLRA.")
@@ -151,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from experiments import cli
 from flax import nnx
 
 from mla_jax import quant, with_options
@@ -321,4 +323,4 @@ if __name__ == "__main__":
   # the sweep driver's flags (--sweep, --seeds, --only, --runs_dir, --results_dir, --data_dir,
   # --report_only) are this script's; the runner imports this module without them
   from experiments import sweep as _defines_flags  # noqa: F401
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 from experiments.trainer import read_metrics
 
 flags.DEFINE_integer("first", 50, "Also report the largest difference over the first N steps.")
@@ -51,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

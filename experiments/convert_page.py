@@ -10,6 +10,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 from experiments.convert_latent import read_rows
 
 flags.DEFINE_string("csv", "results/convert_latent_logs/convert_report.csv", "convert_report's CSV.")
@@ -110,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -45,7 +45,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import options
+from experiments import cli, options
 from mla_jax import compat, presets, registry
 
 # Every flag: the config dataclasses' fields and each mode's own (experiments/options.py).
@@ -432,35 +432,8 @@ def main(argv):
     sys.exit(2)
 
 
-def _flagfile_cycle(argv, chain=()) -> str:
-  """'A includes B includes A' for the first flagfile that includes itself, else ''
-  (absl only warns and skips it, then runs on whatever flags remain)."""
-  for arg in argv:
-    if not arg.startswith("--flagfile="):
-      continue
-    path = os.path.realpath(os.path.expanduser(arg[len("--flagfile="):]))
-    if path in chain:
-      return " includes ".join(list(chain[chain.index(path):]) + [path])
-    if os.path.isfile(path):
-      with open(path, errors="replace") as f:
-        found = _flagfile_cycle([line.strip() for line in f], chain + (path,))
-      if found:
-        return found
-  return ""
-
-
-def parse_flags(argv):
-  """absl's parser, but a bad flag is one line on stderr and exit status 2."""
-  cycle = _flagfile_cycle(argv[1:])
-  if cycle:
-    print(f"error: flagfile {cycle}; remove the --flagfile line that includes it", file=sys.stderr)
-    sys.exit(2)
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}; see --helpshort for the flags", file=sys.stderr)
-    sys.exit(2)
+parse_flags = cli.parse_flags   # tests and scripts call run.main(run.parse_flags(argv))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-from experiments import options, post_run, trainer
+from experiments import cli, options, post_run, trainer
 from mla_jax.host_memory import reuse_freed_memory
 from mla_jax.model import count_params
 
@@ -527,4 +527,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

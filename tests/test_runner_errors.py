@@ -315,3 +315,22 @@ def test_resume_data_keeps_a_run_on_its_data_and_lets_an_imported_run_take_any(t
   assert trainer.resume_data(meta, allowed, tc, "run") == (allowed, False)
   imported = {**meta, "converted_from": "/somewhere/model.safetensors", "data": ""}
   assert trainer.resume_data(imported, other, dataclasses.replace(tc, seq_len=64), "run") == (other, False)
+
+
+def test_every_tool_refuses_a_bad_flag_in_one_line():
+  """Every `python -m experiments.<tool>` parses through cli.parse_flags (absl alone
+  prints 'FATAL Flags parsing error' plus a usage hint and exits 1); two of them
+  are run with a bad flag value."""
+  import re
+  tools = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")
+                 and "app.run(" in open(os.path.join(ROOT, "experiments", f)).read())
+  assert len(tools) >= 11, tools
+  for tool in tools:
+    text = open(os.path.join(ROOT, "experiments", f"{tool}.py")).read()
+    assert re.findall(r"app\.run\(([^)]*)\)", text) == ["main, flags_parser=cli.parse_flags"], tool
+  for tool, bad in (("init_offset", "--draw_seed_offset=ten"), ("compare_runs", "--no_such_flag=1")):
+    out = subprocess.run([sys.executable, "-m", f"experiments.{tool}", bad], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 2, (tool, out.stderr[-1000:])
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: "), out.stderr
+    assert bad.split("=")[0].lstrip("-") in out.stderr, out.stderr
