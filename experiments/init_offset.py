@@ -135,7 +135,36 @@ def _paired(val: dict, a: tuple, b: tuple) -> list[tuple[int, float]]:
   return [(k, val[b][k] - val[a][k]) for k in sorted(set(val.get(a, {})) & set(val.get(b, {})))]
 
 
-def page(log_dir: str) -> str:
+def chart(runs: list[dict], path: str) -> None:
+  """Left: each seed's final validation loss per init (a line joins one seed's runs,
+  which saw the same batches); right: every run's validation curve."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  label = lambda r: r["combo"] + (f", draw k+{r['draw_offset']}" if r.get("draw_offset") else "")
+  inits = sorted({label(r) for r in runs}, key=lambda x: (x != "none", x != "all", x))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+  for seed in sorted({r["seed"] for r in runs}):
+    mine = sorted((inits.index(label(r)), r["val"]) for r in runs if r["seed"] == seed)
+    left.plot([x for x, _ in mine], [v for _, v in mine], "o-", color=f"C{seed % 10}", lw=0.8, label=f"seed {seed}")
+  left.set_xticks(range(len(inits)), inits, rotation=20, fontsize=8)
+  left.set(ylabel="final validation loss (nats / token)", title="per seed, by initial weights")
+  for r in runs:
+    i = inits.index(label(r))
+    right.plot([s for s, _ in r["evals"]], [v for _, v in r["evals"]], color=f"C{i}", lw=0.8, alpha=0.7,
+               label=label(r) if r is next(q for q in runs if label(q) == label(r)) else None)
+  right.set(xlabel="step", ylabel="validation loss", title="validation curves, coloured by initial weights",
+            ylim=(None, 4.0))
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  left.legend(fontsize=7, ncol=2)
+  right.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def page(log_dir: str, chart_path: str | None = None) -> str:
   from scipy import stats
   runs = []
   for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
@@ -171,7 +200,7 @@ def page(log_dir: str) -> str:
               + (("At 8 or more seeds a side, the authors' draw trains "
                   + ("worse than ours beyond seed noise." if p < 0.05 and t < 0 else
                      "better than ours beyond seed noise." if p < 0.05 else
-                     "no differently from ours within seed noise (p >= 0.05)."))
+                     "indistinguishably from ours: the difference is within seed noise (p >= 0.05)."))
                  if enough else "Fewer than 8 seeds a side: not settled.")]
     d = _paired(val, ours, theirs)
     if len(d) >= 2:
@@ -188,13 +217,16 @@ def page(log_dir: str) -> str:
                   + f" (mean |difference| {statistics.mean(abs(x) for _, x in redraw):.3f}), what any redraw does; "
                   "the authors' draw on the same seeds: "
                   + ", ".join(f"{val[theirs][k] - val[ours][k]:+.3f}" for k, _ in redraw if k in val[theirs]) + "."]
+  if runs and chart_path:
+    lines += ["", f"![final validation loss per seed and validation curves]({os.path.basename(chart_path)})"]
+    chart(runs, chart_path)
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   del argv
   if FLAGS.page:
-    text = page(FLAGS.logs)
+    text = page(FLAGS.logs, os.path.join(REPO, "results", "init_offset.png"))
     with open(os.path.join(REPO, "results", "init_offset.md"), "w") as f:
       f.write(text)
     print(text)

@@ -136,4 +136,4 @@ def test_init_offset_page_verdict_pairs_and_redraw_control(tmp_path):
   # the same logs with the authors' side equal in distribution: not beyond noise
   for k in range(8):
     put("all", k, ours[(k + 3) % 8])
-  assert "no differently from ours within seed noise" in init_offset.page(str(tmp_path))
+  assert "indistinguishably from ours: the difference is within seed noise" in init_offset.page(str(tmp_path))
