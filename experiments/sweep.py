@@ -352,6 +352,45 @@ def _table(lines: list[str], rows, first, info, side_by_side) -> list:
   return summary
 
 
+SETTING_FLAGS = ("--learning_rate=", "--warmup_steps=")    # what the control tables vary
+
+
+def settings_table(tables: dict[str, list], first: dict[str, Run]) -> list[str]:
+  """Rows of different tables that are one configuration apart from the learning
+  rate and warm-up (the control tables): each one's mean final validation loss
+  and spikes, over the seeds all of its settings ran, and the best setting."""
+  configs: dict[tuple, list] = {}
+  for table, rows in tables.items():
+    for name, rs in rows:
+      r = first[name]
+      key = (r.flagfile, tuple(x for x in r.extra if not x.startswith(SETTING_FLAGS)))
+      configs.setdefault(key, []).append((table, name, rs))
+  configs = {k: v for k, v in configs.items() if len({t for t, _, _ in v}) > 1}
+  if not configs:
+    return []
+  names = list(tables)
+  lines = ["### Best setting per configuration", "",
+           "Each configuration that appears in more than one table: mean final validation loss over the seeds "
+           "all of its settings ran, and the spikes of those runs (summed over seeds).", "",
+           "| configuration | seeds | " + " | ".join(t or "main comparison" for t in names) + " | best |",
+           "|---|---|" + "---|" * (len(names) + 1)]
+  for entries in configs.values():
+    seeds = sorted(set.intersection(*({r["seed"] for r in rs} for _, _, rs in entries)))
+    if not seeds:
+      continue
+    cells, best = {}, None
+    for table, _, rs in entries:
+      picked = [r for r in rs if r["seed"] in seeds]
+      loss = statistics.mean(r["eval"]["loss"] for r in picked)
+      spikes = sum(len(loss_spikes([m["loss"] for m in r["metrics"] if m["kind"] == "train"])) for r in picked)
+      cells[table] = f"{loss:.4f} ({spikes} spike{'s' * (spikes != 1)})"
+      best = min(best or (loss, table), (loss, table))
+    label = next((n for t, n, _ in entries if t == ""), entries[0][1])
+    lines.append(f"| {label} | {','.join(map(str, seeds))} | "
+                 + " | ".join(cells.get(t, "-") for t in names) + f" | {best[1] or 'main comparison'} |")
+  return lines + [""]
+
+
 def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, paper_notes: str = "") -> str:
   import matplotlib
   matplotlib.use("Agg")
@@ -385,6 +424,7 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
     if len(tables) > 1:
       lines += [f"### {table or 'Main comparison'}", ""]
     summary += _table(lines, table_rows, first, info, side_by_side)
+  lines += settings_table(tables, first)
   lines += ["", "Columns: validation loss after the last step (mean and sample standard deviation over seeds; "
             "sd 0 with one seed); vs first row: against the first row of the same table; spikes: per seed, "
             f"the training steps whose loss is more than {SPIKE_JUMP} nats above the lowest loss of the "

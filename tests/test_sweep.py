@@ -111,6 +111,23 @@ def test_each_table_has_its_own_baseline_spikes_and_kendall_tau():
   assert "Kendall" not in "\n".join(lines)
 
 
+def test_settings_table_pairs_one_configuration_across_tables_on_common_seeds():
+  """A configuration that differs only by --learning_rate / --warmup_steps is one
+  row of the best-setting table, over the seeds all its settings ran."""
+  first = {"a": S.Run("a", "f", ["--variant=x"], 0, "a"),
+           "b": S.Run("b", "f", ["--variant=y"], 0, "b"),
+           "a_lr": S.Run("a_lr", "f", ["--variant=x", "--learning_rate=1e-3"], 0, "a_lr", table="lr 1e-3"),
+           "a_wu": S.Run("a_wu", "f", ["--variant=x", "--warmup_steps=90"], 0, "a_wu", table="wu 90")}
+  rows = dict(_fake_rows({"a": [2.0, 2.2, 9.0], "b": [2.5], "a_lr": [2.3, 1.8], "a_wu": [2.4, 2.3]}))
+  tables = {"": [("a", rows["a"]), ("b", rows["b"])], "lr 1e-3": [("a_lr", rows["a_lr"])],
+            "wu 90": [("a_wu", rows["a_wu"])]}
+  text = "\n".join(S.settings_table(tables, first))
+  # seeds 0,1 (seed 2 only at the main setting): a 2.1, a_lr 2.05, a_wu 2.35; each run has one spike
+  assert ("| a | 0,1 | 2.1000 (2 spikes) | 2.0500 (2 spikes) | 2.3500 (2 spikes) | lr 1e-3 |") in text, text
+  assert "| b |" not in text        # in one table only
+  assert S.settings_table({"": tables[""]}, first) == []
+
+
 def test_committed_sweeps_build_and_the_mlra_comparison_is_parameter_matched():
   files = sorted(glob.glob(os.path.join(REPO, "experiments/sweeps/*.sweep")))
   assert {os.path.basename(f) for f in files} >= {"study_cpu.sweep", "mlra_cpu.sweep", "study_gpu.sweep",
