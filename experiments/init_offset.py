@@ -155,13 +155,7 @@ def chart(runs: list[dict], path: str) -> None:
                label=label(r) if r is next(q for q in runs if label(q) == label(r)) else None)
   right.set(xlabel="step", ylabel="validation loss", title="validation curves, coloured by initial weights",
             ylim=(None, 4.0))
-  for ax in (left, right):
-    ax.grid(alpha=0.3)
-  left.legend(fontsize=7, ncol=2)
-  right.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  authors_parity.save_two_panels(fig, left, right, path)
 
 
 def page(log_dir: str, chart_path: str | None = None) -> str:
