@@ -79,14 +79,24 @@ def post_run(run_dir: str, *, num_prompts: int = 8, bench_batch: int = 16, bench
 def bench_side_by_side(configs: dict[str, ModelConfig], *, batch: int, context: int, rounds: int,
                        steps_per_round: int = 10) -> dict[str, dict]:
   """name -> median decode-step ms of each configuration (random weights), timed
-  in interleaved rounds so that every configuration sees the same machine state."""
-  steps = {name: DecodeStep(Transformer(config, rngs=nnx.Rngs(0), options=DECODE), batch,
-                            decode_context(config, context)) for name, config in configs.items()}
-  for step in steps.values():
+  in interleaved rounds so that every configuration sees the same machine state.
+  Names with one model (runs that differ only in training flags, such as a
+  learning-rate control) are timed once and share the figure."""
+  models: list[tuple[ModelConfig, list[str]]] = []
+  for name, config in configs.items():
+    names = next((names for c, names in models if c == config), None)
+    if names is None:
+      models.append((config, [name]))
+    else:
+      names.append(name)
+  steps = [DecodeStep(Transformer(config, rngs=nnx.Rngs(0), options=DECODE), batch, decode_context(config, context))
+           for config, _ in models]
+  for step in steps:
     step()                                                          # warm up
-  times: dict[str, list[float]] = {name: [] for name in steps}
+  times: list[list[float]] = [[] for _ in steps]
   for _ in range(rounds):
-    for name, step in steps.items():
-      times[name].append(statistics.median(step() for _ in range(steps_per_round)))
-  return {name: dict(step_ms=1e3 * statistics.median(t), batch=batch, context=decode_context(configs[name], context),
-                     rounds=rounds) for name, t in times.items()}
+    for step, t in zip(steps, times):
+      t.append(statistics.median(step() for _ in range(steps_per_round)))
+  out = {name: dict(step_ms=1e3 * statistics.median(t), batch=batch, context=decode_context(config, context),
+                    rounds=rounds) for (config, names), t in zip(models, times) for name in names}
+  return {name: out[name] for name in configs}

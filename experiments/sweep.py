@@ -434,7 +434,8 @@ def write_page(runs: list[Run], sweep: str, info: dict[str, dict], title: str, p
             "before clipping, per seed; decode step ms: one jitted decode step of the whole model (absorbed path) "
             "over a full fp32 cache at random weights, "
             + (f"timed side by side in one process (`--bench_decode`: {next(iter(side_by_side.values()))['rounds']} "
-               "interleaved rounds of 10 steps, median), on the machine the page was written on; "
+               "interleaved rounds of 10 steps, median; rows with one model, such as a control row and its "
+               "main row, are timed once), on the machine the page was written on; "
                if side_by_side else
                "median of 20 after warm-up, mean over seeds, timed after each run while other work shared the "
                "machine (noisy; `--bench_decode` times them side by side); ")

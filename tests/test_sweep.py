@@ -239,6 +239,15 @@ def test_tiny_sweep_end_to_end(tmp_path, story_file):  # noqa: F811
     assert t["step_ms"] > 0 and t["context"] == 64 and t["batch"] == 16
     assert f"| {t['step_ms']:.2f} (16x64) | {1e3 * 16 / t['step_ms']:,.0f} |" in page
   assert "side by side in one process" in page
+  # a control row (same model, other training flags) is the same model: timed once, the same figure
+  _write(tmp_path / "tiny.sweep", (tmp_path / "tiny.sweep").read_text()
+         + f'mha_lr {tmp_path / "tiny.flags"} --variant=mha --learning_rate=1e-2 table="lr 1e-2"\n')
+  out = run_cmd(args + ["--report_only", "--bench_decode", "--bench_rounds=1", "--bench_context=64"], cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  timings = json.loads((logs / "decode_bench.json").read_text())
+  assert list(timings) == ["mha", "mlra4", "mha_lr"] and timings["mha_lr"] == timings["mha"]
+  assert timings["mlra4"]["step_ms"] != timings["mha"]["step_ms"]
+  assert "Not finished yet: mha_lr" in (tmp_path / "results/tiny.md").read_text()
 
 
 def test_bad_sweep_flags_are_one_line_errors(tmp_path):
