@@ -275,7 +275,7 @@ def collect(runs: list[Run], sweep: str) -> dict[str, list[dict]]:
 
 def _ordering(rows, first) -> str:
   """Our loss ranking beside the paper's, over the rows that have a paper figure
-  (at least 3), with Kendall's tau between them."""
+  (at least 2: a control table may hold only two), with Kendall's tau between them."""
   ours, paper = {}, {}
   for name, rs in rows:
     try:
@@ -283,7 +283,7 @@ def _ordering(rows, first) -> str:
     except (ValueError, IndexError):
       continue
     ours[name] = statistics.mean(r["eval"]["loss"] for r in rs)
-  if len(ours) < 3:
+  if len(ours) < 2:
     return ""
   names = list(ours)
   pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -293,7 +293,7 @@ def _ordering(rows, first) -> str:
   rank = lambda d: " < ".join(sorted(d, key=d.get))  # noqa: E731
   left_out = [name for name, _ in rows if name not in ours]
   return (f"Ordering, best first. Ours (mean val loss): {rank(ours)}. Paper: {rank(paper)}. "
-          f"Kendall's tau between the two: {tau:+.2f} ({agree} of {len(pairs)} pairs agree)"
+          f"Kendall's tau between the two: {tau:+.2f} ({agree} of {len(pairs)} pair{'s' * (len(pairs) > 1)} agree)"
           + (f"; rows without a paper figure left out: {', '.join(left_out)}." if left_out else "."))
 
 

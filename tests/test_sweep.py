@@ -105,9 +105,13 @@ def test_each_table_has_its_own_baseline_spikes_and_kendall_tau():
   # tau over the rows with a paper figure (c left out): ours a(2.1) < d(2.0)? no: d < a < b;
   # paper a(10) < d(11) < b(12): pairs (a,b) agree, (a,d) disagree, (b,d) agree -> (2 - 1) / 3
   assert "Kendall's tau between the two: +0.33 (2 of 3 pairs agree); rows without a paper figure left out: c." in text
-  # fewer than 3 rows with a paper figure: no ordering line
+  # two rows with a paper figure (a control table): their one pair; fewer: no ordering line
   lines = []
   S._table(lines, rows[:3], first, info, {})
+  assert "Kendall's tau between the two: +1.00 (1 of 1 pair agree); rows without a paper figure left out: c." \
+      in "\n".join(lines)
+  lines = []
+  S._table(lines, rows[2:3], first, info, {})
   assert "Kendall" not in "\n".join(lines)
 
 
