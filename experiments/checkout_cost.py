@@ -31,8 +31,11 @@ def _report_and_exit(make_train_step):
       jitted = _cell(run, lambda v: hasattr(v, "lower"))
       mesh = _cell(run, lambda v: type(v).__name__ == "Mesh")
       rules = _cell(run, lambda v: isinstance(v, (tuple, dict)))
+      # a step that can distil also takes the teacher's params (None without one); older checkouts do not
+      teacher = [c.cell_contents for name, c in zip(run.__code__.co_freevars, run.__closure__)
+                 if name == "teacher_params"]
       with sharding.use_mesh(mesh, rules):
-        compiled = jitted.lower(state, tokens).compile()
+        compiled = jitted.lower(state, tokens, *teacher).compile()
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, list) else cost
       print(f"COST flops={cost.get('flops', 0):.6e} bytes={cost.get('bytes accessed', 0):.6e} "
