@@ -273,8 +273,8 @@ def load(path: str, *, param_dtype: str = "auto", mesh=None, progress: bool = Fa
         value = np.asarray(param.build(*(read[s] for s in param.sources))).astype(var.get_value().dtype, copy=False)
         if not np.isfinite(value).all():
           raise HFError(f"tensor {param.sources[0]!r} holds NaN or infinite values; the checkpoint is damaged")
-        # wait for the copy: an asynchronous one keeps `value` alive while the next tensors are
-        # read, and under load one more embedding-sized tensor was resident at the peak
+        # one copy in flight: an asynchronous copy could keep `value` alive while the next tensors
+        # are read (once, under load, the peak held one more embedding-sized tensor)
         var.set_value(jax.block_until_ready(jax.device_put(value, shardings.get(param.path))))
         for s in param.sources:
           left[s] -= 1
