@@ -208,7 +208,7 @@ def test_tiny_sweep_end_to_end(tmp_path, story_file):  # noqa: F811
     return evals[-1]["loss"]
   page = (tmp_path / "results/tiny.md").read_text()
   mha = [final_eval("mha", s) for s in (0, 1)]
-  assert f"| mha | 0,1 |" in page
+  assert "| mha | 0,1 |" in page
   assert f"{statistics.mean(mha):.4f} ± {statistics.stdev(mha):.4f}" in page
   assert f"{math.exp(final_eval('mlra4', 0)):.3f}" in page
   assert "| 9.9 |" in page and "Not finished" not in page
