@@ -82,15 +82,11 @@ def bench_side_by_side(configs: dict[str, ModelConfig], *, batch: int, context: 
   in interleaved rounds so that every configuration sees the same machine state.
   Names with one model (runs that differ only in training flags, such as a
   learning-rate control) are timed once and share the figure."""
-  models: list[tuple[ModelConfig, list[str]]] = []
+  models: dict[ModelConfig, list[str]] = {}                        # configs are frozen, so hashable
   for name, config in configs.items():
-    names = next((names for c, names in models if c == config), None)
-    if names is None:
-      models.append((config, [name]))
-    else:
-      names.append(name)
+    models.setdefault(config, []).append(name)
   steps = [DecodeStep(Transformer(config, rngs=nnx.Rngs(0), options=DECODE), batch, decode_context(config, context))
-           for config, _ in models]
+           for config in models]
   for step in steps:
     step()                                                          # warm up
   times: list[list[float]] = [[] for _ in steps]
@@ -98,5 +94,5 @@ def bench_side_by_side(configs: dict[str, ModelConfig], *, batch: int, context: 
     for step, t in zip(steps, times):
       t.append(statistics.median(step() for _ in range(steps_per_round)))
   out = {name: dict(step_ms=1e3 * statistics.median(t), batch=batch, context=decode_context(config, context),
-                    rounds=rounds) for (config, names), t in zip(models, times) for name in names}
+                    rounds=rounds) for (config, names), t in zip(models.items(), times) for name in names}
   return {name: out[name] for name in configs}
